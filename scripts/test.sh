@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# What CI runs (via `make test`): formatting, lints, tests, then infra checks.
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+
+# Infra checks: configs that only fail at `make up` time otherwise.
+scripts/check-gateway.sh
