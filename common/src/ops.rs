@@ -29,7 +29,7 @@ impl Dependency {
         }
     }
 
-    async fn reachable(&self) -> bool {
+    pub async fn reachable(&self) -> bool {
         let Some((host, port)) = &self.address else {
             return false;
         };

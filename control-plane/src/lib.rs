@@ -1,51 +1,204 @@
 //! control-plane: the admin API (`POST /shorten`, `/links`, API keys) on
-//! PostgreSQL, the source of truth, with Redis kept in sync from it.
+//! PostgreSQL, the source of truth, with Redis kept in sync from it by the
+//! outbox relay ([`relay`]).
 //!
-//! Built so far: configuration and the operations routes (`/healthz`,
-//! `/readyz` checking PostgreSQL, Redis and keygen, `/metrics`) on
-//! `CONTROL_PLANE_ADDR`. The API, migrations and the outbox relay arrive with
-//! their issue.
+//! Owns: links and API keys, their validation, the Redis mapping the edge
+//! reads, and `/internal/resolve` for the edge. Must not: answer redirects
+//! (the edge does), or write Redis except through the relay and resolve.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod keys;
+pub mod relay;
+pub mod routes;
+pub mod schema;
 
-use shortener_common::telemetry::LogFormat;
-use shortener_common::{ConfigError, Env, Secret};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// `CONTROL_PLANE_ADDR`, default `127.0.0.1:8082`.
-    pub addr: SocketAddr,
-    /// `DATABASE_URL`, required (may hold a password; also `DATABASE_URL_FILE`).
-    pub database_url: Secret,
-    /// `REDIS_URL`, default `redis://127.0.0.1:6379`.
-    pub redis_url: Secret,
-    /// `KEYGEN_GRPC_URL`, default `http://127.0.0.1:50051`.
-    pub keygen_url: String,
-    /// `SHUTDOWN_DRAIN_MS`, default 10000.
-    pub drain: Duration,
-    /// `LOG_FORMAT`, `text` (default) or `json`.
-    pub log_format: LogFormat,
+use anyhow::Context;
+use rocket::fairing::{AdHoc, Fairing, Info, Kind};
+use rocket::{Build, Rocket};
+use shortener_common::ops::Dependency;
+
+pub use config::Config;
+use error::ApiError;
+
+/// Runs blocking database work off the async workers.
+pub async fn blocking<T, F>(work: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    rocket::tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task failed: {e}")))?
 }
 
-impl Config {
-    pub fn from_env(mut env: Env) -> Result<Self, ConfigError> {
-        let addr = env.parse_or("CONTROL_PLANE_ADDR", ([127, 0, 0, 1], 8082).into());
-        let database_url = env.secret_required("DATABASE_URL");
-        let redis_url = env
-            .secret_opt("REDIS_URL")
-            .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
-        let keygen_url = env.parse_or("KEYGEN_GRPC_URL", "http://127.0.0.1:50051".to_owned());
-        let drain_ms: u64 = env.parse_or("SHUTDOWN_DRAIN_MS", 10_000);
-        let log_format = env.parse_or("LOG_FORMAT", LogFormat::Text);
-        env.finish()?;
+/// A Redis connection made on first use and remade after an error, so the
+/// control plane starts and serves while Redis is away.
+pub struct RedisHandle {
+    client: redis::Client,
+    conn: rocket::tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl RedisHandle {
+    pub fn new(url: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            addr,
-            database_url: database_url.expect("checked by finish"),
-            redis_url,
-            keygen_url,
-            drain: Duration::from_millis(drain_ms),
-            log_format,
+            client: redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?,
+            conn: rocket::tokio::sync::Mutex::new(None),
         })
     }
+
+    pub async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = {
+            let mut slot = self.conn.lock().await;
+            match slot.as_ref() {
+                Some(conn) => conn.clone(),
+                None => {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_millis(500)))
+                        .set_response_timeout(Some(Duration::from_secs(1)));
+                    let conn = self
+                        .client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    slot.insert(conn).clone()
+                }
+            }
+        };
+        let result = cmd.query_async(&mut conn).await;
+        if result
+            .as_ref()
+            .is_err_and(|e| e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+        {
+            *self.conn.lock().await = None;
+        }
+        result
+    }
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    pub pool: db::PgPool,
+    pub keys: Arc<keys::KeyPool>,
+    pub public_base_url: String,
+    pub public_host: String,
+    pub relay_kick: Arc<relay::Kick>,
+    pub redis: RedisHandle,
+    pub keygen_dependency: Dependency,
+}
+
+/// Request rate, errors and latency per route (RED).
+struct RequestMetrics;
+
+#[rocket::async_trait]
+impl Fairing for RequestMetrics {
+    fn info(&self) -> Info {
+        Info {
+            name: "request metrics",
+            kind: Kind::Request | Kind::Response,
+        }
+    }
+
+    async fn on_request(&self, request: &mut rocket::Request<'_>, _: &mut rocket::Data<'_>) {
+        request.local_cache(Instant::now);
+    }
+
+    async fn on_response<'r>(
+        &self,
+        request: &'r rocket::Request<'_>,
+        response: &mut rocket::Response<'r>,
+    ) {
+        let started = request.local_cache(Instant::now);
+        let route = request
+            .route()
+            .map_or_else(|| "unmatched".to_owned(), |r| r.uri.path().to_string());
+        let method = request.method().as_str();
+        metrics::counter!(
+            "control_plane_http_requests_total",
+            "method" => method, "route" => route.clone(), "status" => response.status().code.to_string()
+        )
+        .increment(1);
+        metrics::histogram!("control_plane_http_request_duration_seconds", "method" => method, "route" => route)
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Builds the Rocket application: state, routes, catchers, the relay.
+pub fn build(config: &Config) -> anyhow::Result<Rocket<Build>> {
+    shortener_common::telemetry::metrics_handle();
+    let pool = db::pool(
+        config.database_url.expose(),
+        config.pool_size,
+        config.db_timeout,
+    );
+    if config.run_migrations {
+        let mut conn = pool
+            .get()
+            .context("RUN_MIGRATIONS=true but PostgreSQL is unreachable")?;
+        let applied = db::migrate(&mut conn)?;
+        tracing::info!(?applied, "migrations applied");
+    }
+    let relay = relay::Relay::start(pool.clone(), config.redis_url.expose().to_owned());
+    let state = Arc::new(AppState {
+        pool: pool.clone(),
+        keys: keys::KeyPool::new(&config.keygen_url, config.keygen_batch)?,
+        public_base_url: config.public_base_url.clone(),
+        public_host: config.public_host.clone(),
+        relay_kick: relay.kick.clone(),
+        redis: RedisHandle::new(config.redis_url.expose())?,
+        keygen_dependency: Dependency::new("keygen", &config.keygen_url),
+    });
+    let api_keys = auth::ApiKeys::new(pool, config.admin_api_key.as_ref().map(|k| k.expose()));
+
+    let figment = rocket::Config::figment()
+        .merge(("address", config.addr.ip()))
+        .merge(("port", config.addr.port()))
+        .merge(("log_level", rocket::config::LogLevel::Off))
+        .merge(("cli_colors", false))
+        .merge(("ident", false))
+        .merge(("shutdown.grace", config.drain.as_secs().max(1)))
+        .merge(("shutdown.mercy", 2));
+    let prefill = state.keys.clone();
+    let relay = std::sync::Mutex::new(Some(relay));
+    Ok(rocket::custom(figment)
+        .manage(state)
+        .manage(api_keys)
+        .attach(RequestMetrics)
+        .attach(AdHoc::on_liftoff("lease keys", move |_| {
+            Box::pin(async move {
+                tracing::info!("control plane is listening");
+                rocket::tokio::spawn(async move {
+                    let _ = prefill.refill().await;
+                });
+            })
+        }))
+        .attach(AdHoc::on_shutdown("stop the outbox relay", move |_| {
+            let relay = relay.lock().expect("relay lock").take();
+            Box::pin(async move {
+                if let Some(mut relay) = relay {
+                    let _ = rocket::tokio::task::spawn_blocking(move || relay.stop()).await;
+                }
+            })
+        }))
+        .mount(
+            "/",
+            rocket::routes![
+                routes::shorten,
+                routes::get_link,
+                routes::patch_link,
+                routes::delete_link,
+                routes::list_links,
+                routes::resolve,
+                routes::healthz,
+                routes::readyz,
+                routes::metrics_text,
+                routes::openapi,
+            ],
+        )
+        .register("/", rocket::catchers![routes::default_catcher]))
 }

@@ -1,6 +1,5 @@
 use clap::{Parser, Subcommand};
 use shortener_common::config::EXIT_CONFIG;
-use shortener_common::ops::{self, Dependency};
 use shortener_common::{Env, telemetry};
 
 #[derive(Parser)]
@@ -12,10 +11,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve (the default).
+    /// Serve the admin API (the default).
     Serve,
     /// Apply pending PostgreSQL migrations and exit.
     Migrate,
+    /// Manage API keys.
+    ApiKey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create an API key and print it once; only its hash is stored.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,19 +40,42 @@ fn main() -> anyhow::Result<()> {
     telemetry::init_logging(config.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
-            // migrations/postgres/ holds no migration yet; the schema arrives
-            // with the admin API.
-            tracing::info!("no PostgreSQL migrations to apply");
+            let pool = control_plane::db::pool(
+                config.database_url.expose(),
+                1,
+                std::time::Duration::from_secs(10),
+            );
+            let applied = control_plane::db::migrate(&mut *pool.get()?)?;
+            tracing::info!(?applied, "migrations applied");
+            Ok(())
+        }
+        Command::ApiKey {
+            command: ApiKeyCommand::Create { name },
+        } => {
+            let pool = control_plane::db::pool(
+                config.database_url.expose(),
+                1,
+                std::time::Duration::from_secs(10),
+            );
+            let key = control_plane::auth::generate_key();
+            let id = control_plane::db::insert_api_key(
+                &mut *pool.get()?,
+                &name,
+                &control_plane::auth::hash_key(&key),
+            )?;
+            eprintln!("created API key {id} ({name}); it is shown only now:");
+            println!("{key}");
             Ok(())
         }
         Command::Serve => {
-            let deps = vec![
-                Dependency::new("postgres", config.database_url.expose()),
-                Dependency::new("redis", config.redis_url.expose()),
-                Dependency::new("keygen", &config.keygen_url),
-            ];
-            tokio::runtime::Runtime::new()?.block_on(ops::run(config.addr, deps, config.drain))?;
-            Ok(())
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let rocket = control_plane::build(&config)?;
+                rocket.launch().await?;
+                anyhow::Ok(())
+            })
         }
     }
 }

@@ -1,0 +1,942 @@
+//! The control plane as a real process against real PostgreSQL, Redis and an
+//! in-process keygen; each test has its own database and its own Redis.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use shortener_common::testing::{
+    ManagedProcess, TestPostgres, TestRedis, eventually, free_port, unique_name,
+};
+
+const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
+const PUBLIC: &str = "http://sho.rt.test";
+
+/// keygen running inside the test process, stoppable and restartable on the
+/// same port.
+struct Keygen {
+    port: u16,
+    state: tempfile::TempDir,
+    secret: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Keygen {
+    async fn start() -> Self {
+        let mut keygen = Self {
+            port: free_port(),
+            state: tempfile::tempdir().unwrap(),
+            secret: unique_name("keygen-secret-for-tests"),
+            stop: None,
+            task: None,
+        };
+        keygen.run().await;
+        keygen
+    }
+
+    async fn run(&mut self) {
+        let config = keygen::Config::from_env(shortener_common::Env::from_pairs([
+            ("KEYGEN_SECRET", self.secret.clone()),
+            ("KEYGEN_WORKER_ID", "0".to_owned()),
+            (
+                "KEYGEN_STATE_DIR",
+                self.state.path().to_str().unwrap().to_owned(),
+            ),
+            ("KEYGEN_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("KEYGEN_GRPC_ADDR", format!("127.0.0.1:{}", self.port)),
+            ("SHUTDOWN_DRAIN_MS", "100".to_owned()),
+        ]))
+        .unwrap();
+        let app = keygen::Application::build(config).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.task = Some(tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        }));
+    }
+
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+struct TestApp {
+    _process: ManagedProcess,
+    port: u16,
+    database_url: String,
+    redis: TestRedis,
+    keygen: Keygen,
+    client: Client,
+    env: Vec<(String, String)>,
+}
+
+impl TestApp {
+    async fn spawn() -> Self {
+        Self::spawn_with(&TestPostgres::shared().create_database(), &[]).await
+    }
+
+    async fn spawn_with(database_url: &str, extra: &[(&str, &str)]) -> Self {
+        let redis = TestRedis::start();
+        let keygen = Keygen::start().await;
+        let port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("CONTROL_PLANE_ADDR".into(), format!("127.0.0.1:{port}")),
+            ("DATABASE_URL".into(), database_url.to_owned()),
+            ("REDIS_URL".into(), redis.url()),
+            ("KEYGEN_GRPC_URL".into(), keygen.url()),
+            ("PUBLIC_BASE_URL".into(), PUBLIC.into()),
+            ("ADMIN_API_KEY".into(), ADMIN_KEY.into()),
+            ("RUN_MIGRATIONS".into(), "true".into()),
+            ("DATABASE_TIMEOUT_MS".into(), "500".into()),
+            ("RUST_LOG".into(), "warn".into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let process = Self::start_process(&env);
+        let app = Self {
+            _process: process,
+            port,
+            database_url: database_url.to_owned(),
+            redis,
+            keygen,
+            client: Client::new(),
+            env,
+        };
+        app.wait_healthy().await;
+        app
+    }
+
+    fn start_process(env: &[(String, String)]) -> ManagedProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_control-plane"));
+        command
+            .env_clear()
+            .envs(env.iter().cloned())
+            .stdout(Stdio::null());
+        ManagedProcess::spawn("control-plane", command, 15)
+    }
+
+    async fn wait_healthy(&self) {
+        let url = self.url("/healthz");
+        eventually(
+            Duration::from_secs(30),
+            "control plane to answer /healthz",
+            || {
+                let url = url.clone();
+                async move {
+                    reqwest::get(&url)
+                        .await
+                        .ok()
+                        .filter(|r| r.status() == 200)
+                        .map(drop)
+                }
+            },
+        )
+        .await;
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn shorten(&self, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, "/shorten", Some(body), Some(ADMIN_KEY))
+            .await
+    }
+
+    async fn all_links(&self) -> Vec<Value> {
+        let mut links = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/links?limit=100&cursor={c}"),
+                None => "/links?limit=100".to_owned(),
+            };
+            let (status, page) = self.call(Method::GET, &path, None, Some(ADMIN_KEY)).await;
+            assert_eq!(status, 200, "{page}");
+            links.extend(page["links"].as_array().unwrap().iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return links,
+            }
+        }
+    }
+
+    fn redis(&self) -> redis::Connection {
+        redis::Client::open(self.redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Every `link:*` key in Redis with its value.
+    fn redis_links(&self) -> BTreeMap<String, Value> {
+        let mut conn = self.redis();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("link:*").query(&mut conn).unwrap();
+        keys.into_iter()
+            .map(|k| {
+                let v: String = redis::cmd("GET").arg(&k).query(&mut conn).unwrap();
+                (
+                    k.trim_start_matches("link:").to_owned(),
+                    serde_json::from_str(&v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        TestPostgres::shared().psql_on(&self.database_url, sql)
+    }
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode) {
+    assert_eq!(status, expected, "{body}");
+    assert!(body["error"]["code"].is_string(), "no error code in {body}");
+    assert!(
+        body["error"]["message"].is_string(),
+        "no error message in {body}"
+    );
+}
+
+#[tokio::test]
+async fn shorten_returns_the_link_and_stores_it() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .client
+        .post(app.url("/shorten"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"url": "https://example.com/some/page?q=1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    let code = body["code"].as_str().unwrap();
+    assert!((1..=8).contains(&code.len()), "{code}");
+    assert_eq!(body["short_url"], format!("{PUBLIC}/{code}"));
+    assert_eq!(location, format!("{PUBLIC}/{code}"));
+    assert_eq!(body["url"], "https://example.com/some/page?q=1");
+    assert_eq!(body["redirect_status"], 302);
+    assert_eq!(body["expires_at"], Value::Null);
+    assert!(body["created_at"].as_str().unwrap().ends_with('Z'));
+
+    let (status, read) = app
+        .call(
+            Method::GET,
+            &format!("/links/{code}"),
+            None,
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(read["url"], body["url"]);
+
+    let (status, aliased) = app
+        .shorten(
+            json!({"url": "http://bücher.example/straße", "alias": "My_Link-1",
+                        "expires_at": "2999-01-01T00:00:00+01:00", "redirect_status": 301}),
+        )
+        .await;
+    assert_eq!(status, 201, "{aliased}");
+    assert_eq!(aliased["code"], "My_Link-1");
+    assert_eq!(aliased["url"], "http://xn--bcher-kva.example/stra%C3%9Fe");
+    assert_eq!(aliased["expires_at"], "2998-12-31T23:00:00.000Z");
+    assert_eq!(aliased["redirect_status"], 301);
+    // Aliases are case-sensitive, as codes are.
+    let (status, other_case) = app
+        .shorten(json!({"url": "https://example.org", "alias": "my_link-1"}))
+        .await;
+    assert_eq!(status, 201, "{other_case}");
+    let (status, taken) = app
+        .shorten(json!({"url": "https://example.org", "alias": "My_Link-1"}))
+        .await;
+    assert_error(status, &taken, StatusCode::CONFLICT);
+    assert_eq!(app.sql("SELECT count(*) FROM links"), "3");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_clear_error_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let long_url = format!("https://example.com/{}", "x".repeat(8200));
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({}), "missing url"),
+        (
+            json!({"url": "https://example.com", "colour": "red"}),
+            "unknown field",
+        ),
+        (json!({"url": 42}), "url not a string"),
+        (json!({"url": "not a url"}), "unparsable url"),
+        (json!({"url": "javascript:alert(1)"}), "javascript scheme"),
+        (json!({"url": "data:text/html,<b>hi</b>"}), "data scheme"),
+        (json!({"url": "file:///etc/passwd"}), "file scheme"),
+        (json!({"url": "ftp://example.com/x"}), "ftp scheme"),
+        (
+            json!({"url": "https://user:secret@example.com/"}),
+            "credentials",
+        ),
+        (json!({"url": long_url}), "too long"),
+        (json!({"url": "https://sho.rt.test/abc"}), "own host"),
+        (
+            json!({"url": "https://example.com", "alias": "ab"}),
+            "alias too short",
+        ),
+        (
+            json!({"url": "https://example.com", "alias": "has space"}),
+            "alias characters",
+        ),
+        (
+            json!({"url": "https://example.com", "alias": "metrics"}),
+            "reserved alias",
+        ),
+        (
+            json!({"url": "https://example.com", "alias": "Admin"}),
+            "reserved alias, other case",
+        ),
+        (
+            json!({"url": "https://example.com", "expires_at": "2001-01-01T00:00:00Z"}),
+            "past expiry",
+        ),
+        (
+            json!({"url": "https://example.com", "expires_at": "soon"}),
+            "bad expiry",
+        ),
+        (
+            json!({"url": "https://example.com", "redirect_status": 200}),
+            "bad status",
+        ),
+    ];
+    for (body, why) in cases {
+        let (status, answer) = app.shorten(body).await;
+        assert_eq!(status, 400, "{why}: {answer}");
+        assert!(answer["error"]["code"].is_string(), "{why}: {answer}");
+    }
+    let malformed = app
+        .client
+        .post(app.url("/shorten"))
+        .bearer_auth(ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body("{\"url\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_json");
+
+    let huge = json!({"url": "https://example.com", "alias": "x".repeat(70 * 1024)});
+    let (status, body) = app.shorten(huge).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE);
+
+    assert_eq!(app.sql("SELECT count(*) FROM links"), "0");
+    assert_eq!(app.sql("SELECT count(*) FROM link_outbox"), "0");
+}
+
+#[tokio::test]
+async fn every_admin_route_needs_a_valid_key() {
+    let app = TestApp::spawn().await;
+    let (_, link) = app.shorten(json!({"url": "https://example.com"})).await;
+    let code = link["code"].as_str().unwrap().to_owned();
+    let routes = [
+        (
+            Method::POST,
+            "/shorten".to_owned(),
+            Some(json!({"url": "https://example.com"})),
+        ),
+        (Method::GET, "/links".to_owned(), None),
+        (Method::GET, format!("/links/{code}"), None),
+        (
+            Method::PATCH,
+            format!("/links/{code}"),
+            Some(json!({"disabled": true})),
+        ),
+        (Method::DELETE, format!("/links/{code}"), None),
+    ];
+    for (method, path, body) in &routes {
+        for key in [None, Some("wrong-key-wrong-key-wrong"), Some("")] {
+            let mut request = app.client.request(method.clone(), app.url(path));
+            if let Some(key) = key {
+                request = request.header("Authorization", format!("Bearer {key}"));
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{method} {path} with {key:?}");
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+    }
+    // Nothing changed.
+    assert_eq!(
+        app.sql("SELECT count(*) FROM links WHERE NOT disabled"),
+        "1"
+    );
+
+    // A key made with the CLI works, and only its hash is stored.
+    let output = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .args(["api-key", "create", "--name", "ci"])
+        .env_clear()
+        .envs(app.env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("sk_"));
+    let (status, _) = app.call(Method::GET, "/links", None, Some(&key)).await;
+    assert_eq!(status, 200);
+    let stored = app.sql("SELECT string_agg(encode(key_hash, 'escape'), ',') FROM api_keys");
+    assert!(!stored.contains(&key) && !stored.contains(ADMIN_KEY));
+    assert_eq!(
+        app.sql("SELECT count(*) FROM api_keys WHERE name = 'ci'"),
+        "1"
+    );
+}
+
+#[tokio::test]
+async fn links_can_be_changed_disabled_and_deleted() {
+    let app = TestApp::spawn().await;
+    let (_, link) = app
+        .shorten(json!({"url": "https://example.com/a", "expires_at": "2999-01-01T00:00:00Z"}))
+        .await;
+    let path = format!("/links/{}", link["code"].as_str().unwrap());
+
+    let (status, changed) = app
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"url": "https://example.com/b", "redirect_status": 308, "disabled": true})),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["url"], "https://example.com/b");
+    assert_eq!(changed["redirect_status"], 308);
+    assert_eq!(changed["disabled"], true);
+    assert_eq!(changed["expires_at"], "2999-01-01T00:00:00.000Z");
+
+    let (status, cleared) = app
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"expires_at": null})),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(cleared["expires_at"], Value::Null);
+
+    for bad in [
+        json!({"url": "javascript:x"}),
+        json!({"redirect_status": 303}),
+        json!({"expires_at": "2000-01-01T00:00:00Z"}),
+        json!({"nope": 1}),
+    ] {
+        let (status, body) = app
+            .call(Method::PATCH, &path, Some(bad.clone()), Some(ADMIN_KEY))
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST);
+    }
+    let (_, unchanged) = app.call(Method::GET, &path, None, Some(ADMIN_KEY)).await;
+    assert_eq!(unchanged["url"], "https://example.com/b");
+
+    let (status, _) = app.call(Method::DELETE, &path, None, Some(ADMIN_KEY)).await;
+    assert_eq!(status, 204);
+    for method in [Method::GET, Method::DELETE] {
+        let (status, body) = app.call(method, &path, None, Some(ADMIN_KEY)).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND);
+    }
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &path,
+            Some(json!({"disabled": false})),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn listing_pages_newest_first_without_gaps_or_repeats() {
+    let app = TestApp::spawn().await;
+    let mut created = Vec::new();
+    for i in 0..25 {
+        let (_, link) = app
+            .shorten(json!({"url": format!("https://example.com/{i}")}))
+            .await;
+        created.push(link["code"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None::<String>;
+    let mut sizes = Vec::new();
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/links?limit=10&cursor={c}"),
+            None => "/links?limit=10".into(),
+        };
+        let (status, page) = app.call(Method::GET, &path, None, Some(ADMIN_KEY)).await;
+        assert_eq!(status, 200);
+        let links = page["links"].as_array().unwrap();
+        sizes.push(links.len());
+        seen.extend(links.iter().map(|l| l["code"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, vec![10, 10, 5]);
+    created.reverse();
+    assert_eq!(seen, created);
+    for bad in [
+        "/links?limit=0",
+        "/links?limit=101",
+        "/links?limit=x",
+        "/links?cursor=garbage",
+    ] {
+        let (status, body) = app.call(Method::GET, bad, None, Some(ADMIN_KEY)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST);
+    }
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_result() {
+    let app = TestApp::spawn().await;
+    let send = |body: Value, key: &'static str| {
+        app.client
+            .post(app.url("/shorten"))
+            .bearer_auth(ADMIN_KEY)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let first = send(json!({"url": "https://example.com/once"}), "order-17")
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = send(json!({"url": "https://example.com/once"}), "order-17")
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 201);
+    assert!(again.headers().contains_key("location"));
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first, again);
+    let different = send(json!({"url": "https://example.com/other"}), "order-17")
+        .await
+        .unwrap();
+    assert_eq!(different.status(), 422);
+    let body: Value = different.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    assert_eq!(app.sql("SELECT count(*) FROM links"), "1");
+
+    // Concurrent first uses of one key still create one link.
+    let racers: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(send(json!({"url": "https://example.com/race"}), "race-1")))
+        .collect();
+    let mut codes = HashSet::new();
+    for racer in racers {
+        let response = racer.await.unwrap().unwrap();
+        assert_eq!(response.status(), 201);
+        codes.insert(
+            response.json::<Value>().await.unwrap()["code"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(codes.len(), 1);
+    assert_eq!(app.sql("SELECT count(*) FROM links"), "2");
+}
+
+/// What Redis should hold for each link in PostgreSQL.
+fn expected_redis(app_links: &[Value]) -> BTreeMap<String, Value> {
+    app_links
+        .iter()
+        .map(|l| {
+            let expires = l["expires_at"].as_str().map(|s| {
+                chrono_millis(s)
+            });
+            (
+                l["code"].as_str().unwrap().to_owned(),
+                json!({"url": l["url"], "status": l["redirect_status"], "expires_at_ms": expires, "disabled": l["disabled"]}),
+            )
+        })
+        .collect()
+}
+
+fn chrono_millis(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap()
+        .timestamp_millis()
+}
+
+#[tokio::test]
+async fn redis_follows_postgres_and_edges_hear_of_every_change() {
+    let app = TestApp::spawn().await;
+    let mut pubsub_conn = app.redis();
+    let mut pubsub = pubsub_conn.as_pubsub();
+    pubsub.subscribe("link-invalidations").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+
+    let (_, link) = app
+        .shorten(json!({"url": "https://example.com/x", "expires_at": "2999-01-01T00:00:00Z"}))
+        .await;
+    let code = link["code"].as_str().unwrap().to_owned();
+    let message: String = pubsub.get_message().unwrap().get_payload().unwrap();
+    assert_eq!(message, code);
+    let stored = app.redis_links();
+    assert_eq!(
+        stored.get(&code),
+        expected_redis(std::slice::from_ref(&link)).get(&code)
+    );
+    let ttl: i64 = redis::cmd("PEXPIRETIME")
+        .arg(format!("link:{code}"))
+        .query(&mut app.redis())
+        .unwrap();
+    assert_eq!(ttl, chrono_millis("2999-01-01T00:00:00Z"));
+
+    let started = Instant::now();
+    app.call(
+        Method::PATCH,
+        &format!("/links/{code}"),
+        Some(json!({"url": "https://example.com/y"})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    let message: String = pubsub.get_message().unwrap().get_payload().unwrap();
+    assert_eq!(message, code);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.redis_links()[&code]["url"], "https://example.com/y");
+
+    app.call(
+        Method::DELETE,
+        &format!("/links/{code}"),
+        None,
+        Some(ADMIN_KEY),
+    )
+    .await;
+    let message: String = pubsub.get_message().unwrap().get_payload().unwrap();
+    assert_eq!(message, code);
+    assert_eq!(app.redis_links()[&code], json!({"deleted": true}));
+    assert_eq!(
+        app.sql("SELECT count(*) FROM link_outbox WHERE processed_at IS NULL"),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_down_nothing_is_lost_and_redis_catches_up_exactly() {
+    let mut app = TestApp::spawn().await;
+    let mut keep = Vec::new();
+    for i in 0..5 {
+        let (_, link) = app
+            .shorten(json!({"url": format!("https://example.com/before/{i}")}))
+            .await;
+        keep.push(link["code"].as_str().unwrap().to_owned());
+    }
+    eventually(Duration::from_secs(5), "the relay to sync", || {
+        let n = app.redis_links().len();
+        async move { (n == 5).then_some(()) }
+    })
+    .await;
+
+    app.redis.stop();
+    let mut created = Vec::new();
+    for i in 0..10 {
+        let (status, link) = app
+            .shorten(json!({"url": format!("https://example.com/during/{i}")}))
+            .await;
+        assert_eq!(status, 201, "{link}");
+        created.push(link["code"].as_str().unwrap().to_owned());
+    }
+    for code in &created[..3] {
+        let (status, _) = app
+            .call(
+                Method::DELETE,
+                &format!("/links/{code}"),
+                None,
+                Some(ADMIN_KEY),
+            )
+            .await;
+        assert_eq!(status, 204);
+    }
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/links/{}", keep[0]),
+            None,
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = app
+        .call(
+            Method::PATCH,
+            &format!("/links/{}", keep[1]),
+            Some(json!({"disabled": true})),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        app.sql("SELECT count(*) FROM link_outbox WHERE processed_at IS NULL"),
+        "0"
+    );
+
+    app.redis.start_again();
+    let links = app.all_links().await;
+    let mut expected = expected_redis(&links);
+    for code in created[..3].iter().chain([&keep[0]]) {
+        expected.insert(code.clone(), json!({"deleted": true}));
+    }
+    eventually(
+        Duration::from_secs(15),
+        "Redis to match PostgreSQL exactly",
+        || {
+            let matches = app.redis_links() == expected;
+            async move { matches.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        app.sql("SELECT count(*) FROM link_outbox WHERE processed_at IS NULL"),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn resolve_reads_postgres_and_repopulates_an_empty_redis() {
+    let mut app = TestApp::spawn().await;
+    let (_, link) = app
+        .shorten(json!({"url": "https://example.com/r", "redirect_status": 307}))
+        .await;
+    let code = link["code"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(5), "the relay to sync", || {
+        let n = app.redis_links().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+
+    app.redis.stop();
+    app.redis.start_empty();
+    assert!(app.redis_links().is_empty());
+    let (status, resolved) = app
+        .call(
+            Method::GET,
+            &format!("/internal/resolve/{code}"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(
+        resolved,
+        json!({"code": code, "url": "https://example.com/r", "status": 307, "expires_at_ms": null, "disabled": false})
+    );
+    assert_eq!(
+        app.redis_links()[&code],
+        json!({"url": "https://example.com/r", "status": 307, "expires_at_ms": null, "disabled": false})
+    );
+
+    let (status, body) = app
+        .call(Method::GET, "/internal/resolve/nosuchcode", None, None)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn keygen_down_creates_continue_from_the_lease_then_503_then_recover() {
+    let mut app = TestApp::spawn_with(
+        &TestPostgres::shared().create_database(),
+        &[("KEYGEN_BATCH", "20")],
+    )
+    .await;
+    let (status, _) = app
+        .shorten(json!({"url": "https://example.com/warm"}))
+        .await;
+    assert_eq!(status, 201);
+    app.keygen.stop().await;
+
+    let mut served = 0;
+    let refusal = loop {
+        let (status, body) = app
+            .shorten(json!({"url": "https://example.com/lease"}))
+            .await;
+        if status != 201 {
+            break (status, body);
+        }
+        served += 1;
+        assert!(served <= 40, "the lease should run out");
+    };
+    assert!(served >= 1, "creates should continue from the lease");
+    assert_error(refusal.0, &refusal.1, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refusal.1["error"]["code"], "keygen_unavailable");
+    // Aliases need no keygen.
+    let (status, _) = app
+        .shorten(json!({"url": "https://example.com/a", "alias": "still-works"}))
+        .await;
+    assert_eq!(status, 201);
+
+    app.keygen.run().await;
+    eventually(Duration::from_secs(10), "creates to work again", || {
+        let request = app.shorten(json!({"url": "https://example.com/back"}));
+        async move { (request.await.0 == 201).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_down_fails_fast_with_503_and_recovers_without_a_restart() {
+    let mut pg = TestPostgres::start();
+    let db = pg.create_database();
+    let app = TestApp::spawn_with(&db, &[]).await;
+    let (status, link) = app.shorten(json!({"url": "https://example.com/pg"})).await;
+    assert_eq!(status, 201);
+    let code = link["code"].as_str().unwrap().to_owned();
+
+    pg.stop();
+    let started = Instant::now();
+    let (status, body) = app
+        .shorten(json!({"url": "https://example.com/down"}))
+        .await;
+    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, body) = app
+        .call(
+            Method::GET,
+            &format!("/links/{code}"),
+            None,
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        reqwest::get(app.url("/healthz")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(app.url("/readyz")).await.unwrap().status(),
+        503
+    );
+
+    pg.start_again();
+    eventually(Duration::from_secs(15), "creates to work again", || {
+        let request = app.shorten(json!({"url": "https://example.com/up"}));
+        async move { (request.await.0 == 201).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        reqwest::get(app.url("/readyz")).await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn operations_routes_and_the_openapi_document_match_the_real_routes() {
+    let app = TestApp::spawn().await;
+    assert_eq!(
+        reqwest::get(app.url("/readyz")).await.unwrap().status(),
+        200
+    );
+    app.shorten(json!({"url": "https://example.com"})).await;
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("control_plane_http_requests_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("control_plane_links_created_total"),
+        "{metrics}"
+    );
+
+    let doc: Value = reqwest::get(app.url("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    let mut documented = HashSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "patch", "delete", "put"] {
+            if item.get(method).is_some() {
+                documented.insert(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+    }
+    let config = control_plane::Config::from_env(shortener_common::Env::from_pairs(
+        app.env
+            .clone()
+            .into_iter()
+            .filter(|(k, _)| k != "RUN_MIGRATIONS"),
+    ))
+    .unwrap();
+    let rocket = control_plane::build(&config).unwrap();
+    let served: HashSet<String> = rocket
+        .routes()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r.method,
+                r.uri.path().replace('<', "{").replace('>', "}")
+            )
+        })
+        .collect();
+    assert_eq!(documented, served);
+}
