@@ -8,3 +8,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 cargo bench -p keygen --locked
+cargo bench -p control-plane --locked

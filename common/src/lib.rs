@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ops;
+pub mod redis_conn;
 pub mod telemetry;
 
 #[cfg(feature = "test-support")]

@@ -12,7 +12,8 @@ pub struct Config {
     pub addr: SocketAddr,
     /// `DATABASE_URL` or `DATABASE_URL_FILE`, required.
     pub database_url: Secret,
-    /// `DATABASE_POOL_SIZE`, default 16.
+    /// `DATABASE_POOL_SIZE`, default 8: on small machines a few busy
+    /// connections beat many waiting ones (see docs/BENCHMARKS.md).
     pub pool_size: u32,
     /// `DATABASE_TIMEOUT_MS`, default 1000: how long a request waits for a
     /// database connection before answering 503.
@@ -42,7 +43,7 @@ impl Config {
     pub fn from_env(mut env: Env) -> Result<Self, ConfigError> {
         let addr = env.parse_or("CONTROL_PLANE_ADDR", ([127, 0, 0, 1], 8082).into());
         let database_url = env.secret_required("DATABASE_URL");
-        let pool_size: u32 = env.parse_or("DATABASE_POOL_SIZE", 16);
+        let pool_size: u32 = env.parse_or("DATABASE_POOL_SIZE", 8);
         let db_timeout_ms: u64 = env.parse_or("DATABASE_TIMEOUT_MS", 1000);
         let run_migrations = env.parse_or("RUN_MIGRATIONS", false);
         let redis_url = env

@@ -23,7 +23,9 @@ pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> PgPool {
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(checkout_timeout)
-        .test_on_check_out(true)
+        // No round trip per checkout: diesel marks a connection broken when
+        // a query finds it dead, and the pool then replaces it.
+        .test_on_check_out(false)
         .build_unchecked(ConnectionManager::new(url))
 }
 
@@ -39,7 +41,7 @@ pub fn migrate(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
     applied
 }
 
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = links)]
 pub struct Link {
     pub id: i64,
@@ -53,8 +55,6 @@ pub struct Link {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = links)]
 pub struct NewLink<'a> {
     pub code: &'a str,
     pub url: &'a str,
@@ -91,16 +91,25 @@ fn record_change(conn: &mut PgConnection, code: &str) -> QueryResult<()> {
         .map(drop)
 }
 
-/// Inserts a link and its outbox row in one transaction.
+/// Inserts a link and its outbox row in one statement, so the two are
+/// atomic even outside a transaction and cost one round trip.
 pub fn insert_link(conn: &mut PgConnection, new: &NewLink<'_>) -> QueryResult<Link> {
-    conn.transaction(|conn| {
-        let link = diesel::insert_into(links::table)
-            .values(new)
-            .returning(Link::as_returning())
-            .get_result(conn)?;
-        record_change(conn, &link.code)?;
-        Ok(link)
-    })
+    use diesel::sql_types::{BigInt, Bool, Nullable, SmallInt, Text, Timestamptz};
+    diesel::sql_query(
+        "WITH link AS ( \
+           INSERT INTO links (code, url, redirect_status, expires_at, is_alias, created_by) \
+           VALUES ($1, $2, $3, $4, $5, $6) \
+           RETURNING id, code, url, redirect_status, expires_at, disabled, is_alias, created_at, updated_at \
+         ), change AS (INSERT INTO link_outbox (code) SELECT code FROM link) \
+         SELECT * FROM link",
+    )
+    .bind::<Text, _>(new.code)
+    .bind::<Text, _>(new.url)
+    .bind::<SmallInt, _>(new.redirect_status)
+    .bind::<Nullable<Timestamptz>, _>(new.expires_at)
+    .bind::<Bool, _>(new.is_alias)
+    .bind::<Nullable<BigInt>, _>(new.created_by)
+    .get_result(conn)
 }
 
 pub fn find_link(conn: &mut PgConnection, code: &str) -> QueryResult<Option<Link>> {

@@ -17,7 +17,7 @@ pub mod routes;
 pub mod schema;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use rocket::fairing::{AdHoc, Fairing, Info, Kind};
@@ -38,49 +38,6 @@ where
         .map_err(|e| ApiError::Internal(format!("blocking task failed: {e}")))?
 }
 
-/// A Redis connection made on first use and remade after an error, so the
-/// control plane starts and serves while Redis is away.
-pub struct RedisHandle {
-    client: redis::Client,
-    conn: rocket::tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
-}
-
-impl RedisHandle {
-    pub fn new(url: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            client: redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?,
-            conn: rocket::tokio::sync::Mutex::new(None),
-        })
-    }
-
-    pub async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> redis::RedisResult<T> {
-        let mut conn = {
-            let mut slot = self.conn.lock().await;
-            match slot.as_ref() {
-                Some(conn) => conn.clone(),
-                None => {
-                    let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(Duration::from_millis(500)))
-                        .set_response_timeout(Some(Duration::from_secs(1)));
-                    let conn = self
-                        .client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?;
-                    slot.insert(conn).clone()
-                }
-            }
-        };
-        let result = cmd.query_async(&mut conn).await;
-        if result
-            .as_ref()
-            .is_err_and(|e| e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
-        {
-            *self.conn.lock().await = None;
-        }
-        result
-    }
-}
-
 /// What every handler can reach.
 pub struct AppState {
     pub pool: db::PgPool,
@@ -88,7 +45,7 @@ pub struct AppState {
     pub public_base_url: String,
     pub public_host: String,
     pub relay_kick: Arc<relay::Kick>,
-    pub redis: RedisHandle,
+    pub redis: shortener_common::redis_conn::LazyRedis,
     pub keygen_dependency: Dependency,
 }
 
@@ -150,7 +107,8 @@ pub fn build(config: &Config) -> anyhow::Result<Rocket<Build>> {
         public_base_url: config.public_base_url.clone(),
         public_host: config.public_host.clone(),
         relay_kick: relay.kick.clone(),
-        redis: RedisHandle::new(config.redis_url.expose())?,
+        redis: shortener_common::redis_conn::LazyRedis::new(config.redis_url.expose())
+            .context("REDIS_URL is not a valid Redis URL")?,
         keygen_dependency: Dependency::new("keygen", &config.keygen_url),
     });
     let api_keys = auth::ApiKeys::new(pool, config.admin_api_key.as_ref().map(|k| k.expose()));

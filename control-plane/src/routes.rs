@@ -203,19 +203,8 @@ pub async fn shorten(
         let (pool, base) = (state.pool.clone(), state.public_base_url.clone());
         let outcome = blocking(move || {
             let mut conn = pool.get()?;
-            diesel::Connection::transaction(&mut *conn, |conn| {
-                if let Some(key) = &idem
-                    && let Some((stored_hash, body)) = db::find_idempotent(conn, auth.key_id, key)?
-                {
-                    return if stored_hash == request_hash {
-                        Ok(Some(Created::Replayed(body)))
-                    } else {
-                        Err(ApiError::Unprocessable(
-                            "idempotency_key_reused",
-                            "this Idempotency-Key was used with a different request body".into(),
-                        ))
-                    };
-                }
+            let conn: &mut diesel::PgConnection = &mut conn;
+            let insert = |conn: &mut diesel::PgConnection| -> Result<Link, ApiError> {
                 let new = NewLink {
                     code: &code,
                     url: create.url.as_str(),
@@ -224,31 +213,52 @@ pub async fn shorten(
                     is_alias,
                     created_by: Some(auth.key_id),
                 };
-                let link = match db::insert_link(conn, &new) {
-                    Ok(link) => link,
+                match db::insert_link(conn, &new) {
+                    Ok(link) => Ok(link),
                     Err(diesel::result::Error::DatabaseError(
                         diesel::result::DatabaseErrorKind::UniqueViolation,
                         _,
                     )) => {
-                        return if is_alias {
+                        if is_alias {
                             Err(ApiError::Conflict(format!(
                                 "alias {code:?} is already taken"
                             )))
                         } else {
-                            Ok(None)
-                        };
+                            // Rolls the transaction back; the caller retries
+                            // with another code.
+                            Err(code_collision())
+                        }
                     }
-                    Err(other) => return Err(other.into()),
-                };
-                let body = serde_json::to_string(&LinkBody::new(&link, &base)).expect("serialises");
-                if let Some(key) = &idem {
-                    db::store_idempotent(conn, auth.key_id, key, &request_hash, &body)?;
+                    Err(other) => Err(other.into()),
                 }
-                Ok(Some(Created::Fresh(body)))
+            };
+            let Some(key) = &idem else {
+                // One statement, atomic by itself: no transaction needed.
+                let link = insert(conn)?;
+                return Ok(Created::Fresh(
+                    serde_json::to_string(&LinkBody::new(&link, &base)).expect("serialises"),
+                ));
+            };
+            diesel::Connection::transaction(conn, |conn| {
+                if let Some((stored_hash, body)) = db::find_idempotent(conn, auth.key_id, key)? {
+                    return if stored_hash == request_hash {
+                        Ok(Created::Replayed(body))
+                    } else {
+                        Err(ApiError::Unprocessable(
+                            "idempotency_key_reused",
+                            "this Idempotency-Key was used with a different request body".into(),
+                        ))
+                    };
+                }
+                let link = insert(conn)?;
+                let body = serde_json::to_string(&LinkBody::new(&link, &base)).expect("serialises");
+                db::store_idempotent(conn, auth.key_id, key, &request_hash, &body)?;
+                Ok(Created::Fresh(body))
             })
         })
         .await;
         let created = match outcome {
+            Err(ApiError::Unavailable("code_collision", _)) => continue,
             // Two requests with one new Idempotency-Key raced: the loser
             // replays the winner's result on its next turn.
             Err(ApiError::Internal(detail))
@@ -259,13 +269,12 @@ pub async fn shorten(
             other => other?,
         };
         let body = match created {
-            None => continue,
-            Some(Created::Fresh(body)) => {
+            Created::Fresh(body) => {
                 state.relay_kick.kick();
                 metrics::counter!("control_plane_links_created_total").increment(1);
                 body
             }
-            Some(Created::Replayed(body)) => body,
+            Created::Replayed(body) => body,
         };
         let location = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
@@ -276,10 +285,14 @@ pub async fn shorten(
             location,
         });
     }
-    Err(ApiError::Unavailable(
+    Err(code_collision())
+}
+
+fn code_collision() -> ApiError {
+    ApiError::Unavailable(
         "code_collision",
         "could not find a free short code; retry".into(),
-    ))
+    )
 }
 
 #[get("/links/<code>")]
@@ -462,7 +475,7 @@ pub async fn resolve(state: &State<Arc<AppState>>, code: Code) -> Result<JsonRes
         if let Some(at) = link.expires_at {
             cmd.arg("PXAT").arg(at.timestamp_millis());
         }
-        if let Err(error) = state.redis.run::<Option<String>>(cmd).await {
+        if let Err(error) = state.redis.run::<Option<String>>(&cmd).await {
             tracing::warn!(%error, "could not repopulate Redis after a resolve");
         }
     }
@@ -486,7 +499,7 @@ pub async fn readyz(state: &State<Arc<AppState>>) -> Result<JsonResponse, ApiErr
     })
     .await
     .is_ok();
-    let redis = state.redis.run::<String>(redis::cmd("PING")).await.is_ok();
+    let redis = state.redis.run::<String>(&redis::cmd("PING")).await.is_ok();
     let keygen = state.keygen_dependency.reachable().await;
     let down: Vec<&str> = [("postgres", postgres), ("redis", redis), ("keygen", keygen)]
         .into_iter()

@@ -840,6 +840,21 @@ async fn postgres_down_fails_fast_with_503_and_recovers_without_a_restart() {
     assert_eq!(status, 201);
     let code = link["code"].as_str().unwrap().to_owned();
 
+    // Fill the pool with connections that the restart will kill.
+    let warm: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(
+                app.client
+                    .post(app.url("/shorten"))
+                    .bearer_auth(ADMIN_KEY)
+                    .json(&json!({"url": format!("https://example.com/warm/{i}")}))
+                    .send(),
+            )
+        })
+        .collect();
+    for request in warm {
+        assert_eq!(request.await.unwrap().unwrap().status(), 201);
+    }
     pg.stop();
     let started = Instant::now();
     let (status, body) = app
@@ -880,6 +895,21 @@ async fn postgres_down_fails_fast_with_503_and_recovers_without_a_restart() {
         reqwest::get(app.url("/readyz")).await.unwrap().status(),
         200
     );
+    // No dead pooled connection is handed out again: every request succeeds.
+    let creates: Vec<_> = (0..40)
+        .map(|i| {
+            tokio::spawn(
+                app.client
+                    .post(app.url("/shorten"))
+                    .bearer_auth(ADMIN_KEY)
+                    .json(&json!({"url": format!("https://example.com/after/{i}")}))
+                    .send(),
+            )
+        })
+        .collect();
+    for create in creates {
+        assert_eq!(create.await.unwrap().unwrap().status(), 201);
+    }
 }
 
 #[tokio::test]

@@ -1,17 +1,27 @@
-//! edge-redirect: the public hot path (`GET /{code}` -> 302) over an
-//! in-memory cache backed by Redis, emitting one click event per redirect.
+//! edge-redirect: the public hot path. `GET|HEAD /{code}` answers the link's
+//! redirect from an in-memory cache ([`cache`]) backed by Redis and, when
+//! Redis knows nothing, the control plane ([`resolve`]). Invalidations from
+//! the control plane arrive over Redis pub/sub ([`invalidate`]).
 //!
-//! Built so far: configuration and the operations listener (`/healthz`,
-//! `/readyz` checking Redis, `/metrics`) on `EDGE_ADMIN_ADDR`. The redirect
-//! listener on `EDGE_HTTP_ADDR` arrives with its issue; until then the
-//! gateway answers 502 for codes. The edge must never depend on Diesel or
-//! Rocket.
+//! Owns: answering redirects, the hot cache, counting clicks. Must not:
+//! depend on Diesel or Rocket, write Redis, or wait on anything but a cache
+//! miss.
 
-use std::net::SocketAddr;
+pub mod cache;
+pub mod invalidate;
+pub mod resolve;
+pub mod server;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+use http::{Method, StatusCode};
+use shortener_common::redis_conn::LazyRedis;
 use shortener_common::telemetry::LogFormat;
 use shortener_common::{ConfigError, Env, Secret};
+use tokio::net::TcpListener;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -20,8 +30,32 @@ pub struct Config {
     /// `EDGE_ADMIN_ADDR`, default `127.0.0.1:9081`: `/healthz`, `/readyz`,
     /// `/metrics`; never routed by the gateway.
     pub admin_addr: SocketAddr,
-    /// `REDIS_URL`, default `redis://127.0.0.1:6379`.
+    /// `REDIS_URL` or `REDIS_URL_FILE`, default `redis://127.0.0.1:6379`.
     pub redis_url: Secret,
+    /// `CONTROL_PLANE_URL`, default `http://127.0.0.1:8082`: asked when Redis
+    /// has nothing for a code.
+    pub control_plane_url: String,
+    /// `EDGE_CACHE_CAPACITY`, default 1000000: links kept in memory.
+    pub cache_capacity: usize,
+    /// `EDGE_CACHE_MAX_AGE_MS`, default 300000: a cached redirect is looked
+    /// up again after this long, even without an invalidation.
+    pub max_age: Duration,
+    /// `EDGE_NEGATIVE_TTL_MS`, default 5000: how long an unknown code is
+    /// remembered as unknown.
+    pub negative_ttl: Duration,
+    /// `EDGE_TRUSTED_PROXIES`, default `127.0.0.1,::1`: peers whose
+    /// `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// `EDGE_MAX_CONNECTIONS`, default 10000: open connections per process;
+    /// more are closed at once.
+    pub max_connections: usize,
+    /// `EDGE_HEADER_TIMEOUT_MS`, default 5000: a client must send its
+    /// request headers within this.
+    pub header_timeout: Duration,
+    /// `EDGE_MAX_HEADER_BYTES`, default 16384.
+    pub max_header_bytes: usize,
+    /// `EDGE_WORKER_THREADS`, default: one per CPU.
+    pub worker_threads: Option<usize>,
     /// `SHUTDOWN_DRAIN_MS`, default 10000.
     pub drain: Duration,
     /// `LOG_FORMAT`, `text` (default) or `json`.
@@ -35,15 +69,188 @@ impl Config {
         let redis_url = env
             .secret_opt("REDIS_URL")
             .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
+        let control_plane_url =
+            env.parse_or("CONTROL_PLANE_URL", "http://127.0.0.1:8082".to_owned());
+        let cache_capacity: usize = env.parse_or("EDGE_CACHE_CAPACITY", 1_000_000);
+        let max_age_ms: u64 = env.parse_or("EDGE_CACHE_MAX_AGE_MS", 300_000);
+        let negative_ms: u64 = env.parse_or("EDGE_NEGATIVE_TTL_MS", 5_000);
+        let proxies: String = env.parse_or("EDGE_TRUSTED_PROXIES", "127.0.0.1,::1".to_owned());
+        let trusted_proxies = proxies
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .filter_map(|p| match p.trim().parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    env.problem(format!(
+                        "EDGE_TRUSTED_PROXIES contains {p:?}, which is not an IP address"
+                    ));
+                    None
+                }
+            })
+            .collect();
+        let max_connections: usize = env.parse_or("EDGE_MAX_CONNECTIONS", 10_000);
+        let header_ms: u64 = env.parse_or("EDGE_HEADER_TIMEOUT_MS", 5_000);
+        let max_header_bytes: usize = env.parse_or("EDGE_MAX_HEADER_BYTES", 16_384);
+        let worker_threads: Option<usize> = env.parse_opt("EDGE_WORKER_THREADS");
         let drain_ms: u64 = env.parse_or("SHUTDOWN_DRAIN_MS", 10_000);
         let log_format = env.parse_or("LOG_FORMAT", LogFormat::Text);
+        if cache_capacity == 0 || max_connections == 0 || worker_threads == Some(0) {
+            env.problem("EDGE_CACHE_CAPACITY, EDGE_MAX_CONNECTIONS and EDGE_WORKER_THREADS must be at least 1");
+        }
         env.finish()?;
         Ok(Self {
             http_addr,
             admin_addr,
             redis_url,
+            control_plane_url,
+            cache_capacity,
+            max_age: Duration::from_millis(max_age_ms),
+            negative_ttl: Duration::from_millis(negative_ms),
+            trusted_proxies,
+            max_connections,
+            header_timeout: Duration::from_millis(header_ms),
+            max_header_bytes,
+            worker_threads,
             drain: Duration::from_millis(drain_ms),
             log_format,
         })
+    }
+}
+
+/// An edge with both listeners bound, ready to run.
+pub struct Application {
+    public: TcpListener,
+    admin: TcpListener,
+    edge: Arc<server::Edge>,
+    redis_url: String,
+    config: Config,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        shortener_common::telemetry::metrics_handle();
+        let public = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on EDGE_HTTP_ADDR={}", config.http_addr))?;
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on EDGE_ADMIN_ADDR={}", config.admin_addr))?;
+        let redis = LazyRedis::new(config.redis_url.expose())
+            .context("REDIS_URL is not a valid Redis URL")?;
+        let edge = Arc::new(server::Edge {
+            cache: cache::Cache::new(config.cache_capacity, config.max_age, config.negative_ttl),
+            resolver: resolve::Resolver::new(redis, config.control_plane_url.clone()),
+            trusted_proxies: config.trusted_proxies.clone(),
+        });
+        Ok(Self {
+            public,
+            admin,
+            edge,
+            redis_url: config.redis_url.expose().to_owned(),
+            config,
+        })
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.public.local_addr().expect("bound").port()
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin.local_addr().expect("bound").port()
+    }
+
+    pub fn cache(&self) -> Arc<cache::Cache> {
+        self.edge.cache.clone()
+    }
+
+    /// Serves until `shutdown`, then drains.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let subscriber = tokio::spawn(invalidate::run(
+            self.redis_url.clone(),
+            self.edge.cache.clone(),
+            stop_rx.clone(),
+        ));
+        let edge = self.edge.clone();
+        let mut admin_stop = stop_rx.clone();
+        let admin = tokio::spawn(shortener_common::http::serve(
+            self.admin,
+            move |request| {
+                let edge = edge.clone();
+                async move { admin(&edge, request).await }
+            },
+            async move {
+                let _ = admin_stop.changed().await;
+            },
+            Duration::from_secs(1),
+        ));
+        let limits = server::Limits {
+            max_connections: self.config.max_connections,
+            header_read_timeout: self.config.header_timeout,
+            max_header_bytes: self.config.max_header_bytes,
+        };
+        let mut public_stop = stop_rx;
+        let public = tokio::spawn(server::serve(
+            self.public,
+            self.edge.clone(),
+            limits,
+            async move {
+                let _ = public_stop.changed().await;
+            },
+            self.config.drain,
+        ));
+        shutdown.await;
+        tracing::info!("shutting down: draining requests");
+        let _ = stop_tx.send(true);
+        let _ = public.await;
+        let _ = admin.await;
+        subscriber.abort();
+        Ok(())
+    }
+}
+
+async fn admin(
+    edge: &server::Edge,
+    request: http::Request<hyper::body::Incoming>,
+) -> http::Response<shortener_common::http::Body> {
+    use shortener_common::http::{error, json, text};
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "only GET is served here",
+        );
+    }
+    match request.uri().path() {
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => match edge
+            .resolver
+            .redis()
+            .run::<String>(&redis::cmd("PING"))
+            .await
+        {
+            Ok(_) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+            Err(_) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "degraded",
+                "Redis is unreachable: cached links still redirect, misses go to the control plane",
+            ),
+        },
+        "/metrics" => {
+            metrics::gauge!("edge_cache_entries").set(edge.cache.len() as f64);
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                shortener_common::telemetry::metrics_handle().render(),
+            )
+        }
+        path => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route for {path}"),
+        ),
     }
 }

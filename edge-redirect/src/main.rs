@@ -1,5 +1,4 @@
 use shortener_common::config::EXIT_CONFIG;
-use shortener_common::ops::{self, Dependency};
 use shortener_common::{Env, telemetry};
 
 fn main() -> anyhow::Result<()> {
@@ -8,7 +7,17 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(EXIT_CONFIG);
     });
     telemetry::init_logging(config.log_format);
-    let deps = vec![Dependency::new("redis", config.redis_url.expose())];
-    tokio::runtime::Runtime::new()?.block_on(ops::run(config.admin_addr, deps, config.drain))?;
-    Ok(())
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    runtime.enable_all().build()?.block_on(async {
+        let app = edge_redirect::Application::build(config).await?;
+        tracing::info!(
+            http_port = app.http_port(),
+            admin_port = app.admin_port(),
+            "edge is listening"
+        );
+        app.run_until(telemetry::shutdown_signal()).await
+    })
 }

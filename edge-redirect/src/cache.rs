@@ -1,0 +1,236 @@
+//! The hot-mapping cache: a sharded `DashMap` from code to a ready-made
+//! answer (status and a pre-built `Location` header value), so a hit clones a
+//! reference-counted header and allocates nothing.
+//!
+//! Eviction is CLOCK (second chance), swept in batches: every hit sets the
+//! entry's `referenced` bit; when the map grows 5 % past its capacity, one
+//! sweep drops every entry whose bit is clear and clears the bit of the rest.
+//! A link that is read between two sweeps survives them; a scan of codes
+//! read once does not, so scans cannot flush hot links. The sweep runs on a
+//! blocking thread, never on the request that triggered it.
+//!
+//! Entries also age: a redirect is trusted for `max_age`, an unknown code
+//! (negative entry) for `negative_ttl`, after which the next request looks it
+//! up again. That bounds staleness even if an invalidation is lost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use http::{HeaderValue, StatusCode};
+
+/// What the edge answers for a code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Redirect with this status to this location, until `expires_at_ms`
+    /// (Unix ms, 0 = never).
+    Redirect {
+        status: StatusCode,
+        location: HeaderValue,
+        expires_at_ms: i64,
+    },
+    /// The link exists but is disabled: 410.
+    Disabled,
+    /// No such link (or deleted): 404.
+    Missing,
+}
+
+struct Entry {
+    target: Target,
+    /// Seconds since the cache was created, when the entry was fetched.
+    fetched_at: u32,
+    referenced: AtomicBool,
+}
+
+pub struct Cache {
+    map: DashMap<Box<str>, Entry>,
+    capacity: usize,
+    max_age: Duration,
+    negative_ttl: Duration,
+    born: Instant,
+    sweeping: Arc<AtomicBool>,
+    evictions: Arc<AtomicU64>,
+    /// Bumped by every invalidation. A lookup that started before an
+    /// invalidation may carry the old value, so it is not cached.
+    epoch: AtomicU64,
+}
+
+impl Cache {
+    pub fn new(capacity: usize, max_age: Duration, negative_ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            map: DashMap::with_capacity(capacity.min(1 << 20)),
+            capacity,
+            max_age,
+            negative_ttl,
+            born: Instant::now(),
+            sweeping: Arc::new(AtomicBool::new(false)),
+            evictions: Arc::new(AtomicU64::new(0)),
+            epoch: AtomicU64::new(0),
+        })
+    }
+
+    fn now_secs(&self) -> u32 {
+        self.born.elapsed().as_secs() as u32
+    }
+
+    /// The cached answer, if there is a fresh one.
+    pub fn get(&self, code: &str) -> Option<Target> {
+        let entry = self.map.get(code)?;
+        let ttl = match entry.target {
+            Target::Missing => self.negative_ttl,
+            _ => self.max_age,
+        };
+        if u64::from(self.now_secs().saturating_sub(entry.fetched_at)) >= ttl.as_secs().max(1) {
+            return None;
+        }
+        if !entry.referenced.load(Ordering::Relaxed) {
+            entry.referenced.store(true, Ordering::Relaxed);
+        }
+        Some(entry.target.clone())
+    }
+
+    pub fn insert(self: &Arc<Self>, code: &str, target: Target) {
+        self.map.insert(
+            code.into(),
+            Entry {
+                target,
+                fetched_at: self.now_secs(),
+                referenced: AtomicBool::new(false),
+            },
+        );
+        if self.map.len() > self.capacity + self.capacity / 20
+            && !self.sweeping.swap(true, Ordering::AcqRel)
+        {
+            let cache = self.clone();
+            let sweep = move || {
+                cache.sweep();
+                cache.sweeping.store(false, Ordering::Release);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => drop(handle.spawn_blocking(sweep)),
+                Err(_) => sweep(),
+            }
+        }
+    }
+
+    /// One CLOCK pass over every entry.
+    pub fn sweep(&self) {
+        let mut evicted = 0u64;
+        self.map.retain(|_, entry| {
+            let keep = entry.referenced.swap(false, Ordering::Relaxed);
+            evicted += u64::from(!keep);
+            keep
+        });
+        self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        metrics::counter!("edge_cache_evictions_total").increment(evicted);
+        metrics::gauge!("edge_cache_entries").set(self.map.len() as f64);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Caches the result of a lookup that started at `epoch`, unless an
+    /// invalidation happened since.
+    pub fn insert_if_current(self: &Arc<Self>, code: &str, target: Target, epoch: u64) {
+        if self.epoch() == epoch {
+            self.insert(code, target);
+        }
+    }
+
+    pub fn remove(&self, code: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.map.remove(code);
+    }
+
+    pub fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.map.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirect(url: &'static str) -> Target {
+        Target::Redirect {
+            status: StatusCode::FOUND,
+            location: HeaderValue::from_static(url),
+            expires_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_hot_link_survives_a_scan_of_cold_ones() {
+        let cache = Cache::new(1_000, Duration::from_secs(3600), Duration::from_secs(60));
+        cache.insert("hot", redirect("https://example.com/hot"));
+        for i in 0..50_000 {
+            cache.insert(&format!("cold{i}"), redirect("https://example.com/cold"));
+            if i % 100 == 0 {
+                // The hot link is read now and then, as hot links are.
+                assert!(
+                    cache.get("hot").is_some(),
+                    "hot link evicted after {i} cold inserts"
+                );
+            }
+            assert!(
+                cache.len() <= 1_000 + 1_000 / 20 + 1,
+                "cache grew to {}",
+                cache.len()
+            );
+        }
+        assert!(cache.get("hot").is_some());
+        assert!(cache.evictions() >= 48_000, "{}", cache.evictions());
+        // Most of the cold scan is gone; the cache holds no more than its bound.
+        assert!(!cache.is_empty());
+    }
+
+    #[test]
+    fn negative_entries_and_redirects_age_out() {
+        let cache = Cache::new(10, Duration::from_secs(1), Duration::from_secs(1));
+        cache.insert("gone", Target::Missing);
+        cache.insert("live", redirect("https://example.com"));
+        assert_eq!(cache.get("gone"), Some(Target::Missing));
+        assert!(cache.get("live").is_some());
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(cache.get("gone"), None);
+        assert_eq!(cache.get("live"), None);
+    }
+
+    #[test]
+    fn a_lookup_overtaken_by_an_invalidation_is_not_cached() {
+        let cache = Cache::new(10, Duration::from_secs(60), Duration::from_secs(60));
+        let started = cache.epoch();
+        cache.remove("a"); // an invalidation arrives while the lookup runs
+        cache.insert_if_current("a", redirect("https://example.com/old"), started);
+        assert_eq!(cache.get("a"), None);
+        cache.insert_if_current("a", redirect("https://example.com/new"), cache.epoch());
+        assert!(cache.get("a").is_some());
+    }
+
+    #[test]
+    fn remove_and_clear() {
+        let cache = Cache::new(10, Duration::from_secs(60), Duration::from_secs(60));
+        cache.insert("a", Target::Disabled);
+        cache.insert("b", Target::Disabled);
+        cache.remove("a");
+        assert_eq!(cache.get("a"), None);
+        assert_eq!(cache.get("b"), Some(Target::Disabled));
+        cache.clear();
+        assert!(cache.is_empty());
+    }
+}

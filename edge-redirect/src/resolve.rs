@@ -1,0 +1,191 @@
+//! Cache misses: one Redis GET per code however many requests miss on it at
+//! once (later ones wait for the first), and the control plane's
+//! `/internal/resolve/{code}` when Redis has nothing or is down, so a Redis
+//! that lost its keys never turns live links into 404s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use shortener_common::redis_conn::LazyRedis;
+use tokio::sync::OnceCell;
+
+use crate::cache::{Cache, Target};
+
+/// The JSON the control plane keeps under `link:{code}` and returns from
+/// `/internal/resolve/{code}`; a deleted link is `{"deleted":true}`.
+#[derive(Deserialize)]
+struct Stored {
+    url: Option<String>,
+    status: Option<u16>,
+    expires_at_ms: Option<i64>,
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    deleted: bool,
+}
+
+fn to_target(json: &[u8]) -> Result<Target, LookupError> {
+    let stored: Stored = serde_json::from_slice(json).map_err(|_| LookupError::BadMapping)?;
+    if stored.deleted {
+        return Ok(Target::Missing);
+    }
+    if stored.disabled {
+        return Ok(Target::Disabled);
+    }
+    let url = stored.url.ok_or(LookupError::BadMapping)?;
+    let status = match stored.status {
+        Some(s @ (301 | 302 | 307 | 308)) => {
+            StatusCode::from_u16(s).map_err(|_| LookupError::BadMapping)?
+        }
+        _ => return Err(LookupError::BadMapping),
+    };
+    let location =
+        HeaderValue::from_maybe_shared(Bytes::from(url)).map_err(|_| LookupError::BadMapping)?;
+    Ok(Target::Redirect {
+        status,
+        location,
+        expires_at_ms: stored.expires_at_ms.unwrap_or(0),
+    })
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LookupError {
+    #[error("neither Redis nor the control plane could answer")]
+    Unavailable,
+    #[error("a stored mapping could not be read")]
+    BadMapping,
+}
+
+pub struct Resolver {
+    redis: LazyRedis,
+    control_plane: String,
+    http: Client<HttpConnector, Empty<Bytes>>,
+    inflight: DashMap<Box<str>, Arc<OnceCell<Result<Target, LookupError>>>>,
+}
+
+impl Resolver {
+    pub fn new(redis: LazyRedis, control_plane: String) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Self {
+            redis,
+            control_plane: control_plane.trim_end_matches('/').to_owned(),
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            inflight: DashMap::new(),
+        }
+    }
+
+    pub fn redis(&self) -> &LazyRedis {
+        &self.redis
+    }
+
+    /// Resolves `code`, sharing one lookup among concurrent callers, and
+    /// caches the answer before the lookup stops being shared, so no caller
+    /// can slip between the two and look up again.
+    pub async fn lookup(&self, code: &str, cache: &Arc<Cache>) -> Result<Target, LookupError> {
+        let cell = self.inflight.entry(code.into()).or_default().clone();
+        let mut first = false;
+        let result = cell
+            .get_or_init(|| {
+                first = true;
+                async {
+                    let epoch = cache.epoch();
+                    let result = self.fetch(code).await;
+                    if let Ok(target) = &result {
+                        cache.insert_if_current(code, target.clone(), epoch);
+                    }
+                    result
+                }
+            })
+            .await
+            .clone();
+        if first {
+            self.inflight.remove(code);
+        }
+        result
+    }
+
+    async fn fetch(&self, code: &str) -> Result<Target, LookupError> {
+        metrics::counter!("edge_redis_lookups_total").increment(1);
+        let key = format!("link:{code}");
+        match self
+            .redis
+            .run::<Option<Vec<u8>>>(redis::cmd("GET").arg(&key))
+            .await
+        {
+            Ok(Some(json)) => return to_target(&json),
+            Ok(None) => {}
+            Err(error) => {
+                metrics::counter!("edge_redis_errors_total").increment(1);
+                tracing::debug!(%error, "Redis lookup failed; asking the control plane");
+            }
+        }
+        metrics::counter!("edge_control_plane_fallbacks_total").increment(1);
+        self.ask_control_plane(code).await
+    }
+
+    async fn ask_control_plane(&self, code: &str) -> Result<Target, LookupError> {
+        let uri: http::Uri = format!("{}/internal/resolve/{code}", self.control_plane)
+            .parse()
+            .map_err(|_| LookupError::Unavailable)?;
+        let response = tokio::time::timeout(Duration::from_secs(2), self.http.get(uri))
+            .await
+            .map_err(|_| LookupError::Unavailable)?
+            .map_err(|_| LookupError::Unavailable)?;
+        match response.status() {
+            StatusCode::OK => {
+                let body =
+                    tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
+                        .await
+                        .map_err(|_| LookupError::Unavailable)?
+                        .map_err(|_| LookupError::Unavailable)?
+                        .to_bytes();
+                to_target(&body)
+            }
+            StatusCode::NOT_FOUND => Ok(Target::Missing),
+            _ => Err(LookupError::Unavailable),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_documented_mapping_shapes() {
+        assert_eq!(
+            to_target(
+                br#"{"url":"https://e.com/x","status":307,"expires_at_ms":null,"disabled":false}"#
+            )
+            .unwrap(),
+            Target::Redirect {
+                status: StatusCode::TEMPORARY_REDIRECT,
+                location: HeaderValue::from_static("https://e.com/x"),
+                expires_at_ms: 0
+            }
+        );
+        assert_eq!(
+            to_target(br#"{"code":"a","url":"https://e.com","status":302,"expires_at_ms":5,"disabled":true}"#).unwrap(),
+            Target::Disabled
+        );
+        assert_eq!(to_target(br#"{"deleted":true}"#).unwrap(), Target::Missing);
+        for bad in [
+            &b"nope"[..],
+            br#"{"url":"https://e.com","status":200}"#,
+            br#"{"status":302}"#,
+            b"{\"url\":\"a\\nb\",\"status\":302}",
+        ] {
+            assert!(to_target(bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The public listener: `GET|HEAD /{code}` -> redirect, 404 or 410.
+//!
+//! The hot path parses the code without allocating, answers a cache hit from
+//! pre-built header values and static bodies, and counts the click without
+//! waiting on anything.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::cache::{Cache, Target};
+use crate::resolve::Resolver;
+
+static JSON: HeaderValue = HeaderValue::from_static("application/json");
+static TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const NOT_FOUND: &[u8] = br#"{"error":{"code":"not_found","message":"no link has this code"}}"#;
+const GONE: &[u8] =
+    br#"{"error":{"code":"gone","message":"this link has expired or been disabled"}}"#;
+const BAD_METHOD: &[u8] =
+    br#"{"error":{"code":"method_not_allowed","message":"only GET and HEAD are served"}}"#;
+const UNAVAILABLE: &[u8] = br#"{"error":{"code":"unavailable","message":"the link cannot be looked up right now; retry shortly"}}"#;
+const REDIRECT_BODY: &[u8] = b"Redirecting\n";
+
+/// A syntactically valid code: `/` then 1 to 64 of `[A-Za-z0-9_-]`, and
+/// nothing else (no further segments, no percent-encoding, no trailing
+/// slash). Anything else is refused before any lookup.
+pub fn parse_code(path: &str) -> Option<&str> {
+    let code = path.strip_prefix('/')?;
+    let ok = (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then_some(code)
+}
+
+/// The visitor's address: the peer, unless the peer is a trusted proxy,
+/// in which case the right-most untrusted address of `X-Forwarded-For`.
+pub fn visitor_ip(peer: IpAddr, forwarded_for: Option<&HeaderValue>, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let Some(list) = forwarded_for.and_then(|v| v.to_str().ok()) else {
+        return peer;
+    };
+    list.rsplit(',')
+        .filter_map(|part| part.trim().parse::<IpAddr>().ok())
+        .find(|ip| !trusted.contains(ip))
+        .unwrap_or(peer)
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &HeaderValue,
+    body: &'static [u8],
+    head: bool,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(if head {
+        Bytes::new()
+    } else {
+        Bytes::from_static(body)
+    }));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type.clone());
+    response
+}
+
+pub struct Edge {
+    pub cache: Arc<Cache>,
+    pub resolver: Resolver,
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Edge {
+    async fn handle(&self, request: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
+        let head = match *request.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => {
+                let mut response =
+                    respond(StatusCode::METHOD_NOT_ALLOWED, &JSON, BAD_METHOD, false);
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return response;
+            }
+        };
+        let Some(code) = parse_code(request.uri().path()) else {
+            metrics::counter!("edge_rejected_paths_total").increment(1);
+            return respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head);
+        };
+        let target = match self.cache.get(code) {
+            Some(target) => {
+                metrics::counter!("edge_cache_hits_total").increment(1);
+                target
+            }
+            None => {
+                metrics::counter!("edge_cache_misses_total").increment(1);
+                match self.resolver.lookup(code, &self.cache).await {
+                    Ok(target) => target,
+                    Err(error) => {
+                        tracing::warn!(code, %error, "cannot resolve a code");
+                        return respond(StatusCode::SERVICE_UNAVAILABLE, &JSON, UNAVAILABLE, head);
+                    }
+                }
+            }
+        };
+        match target {
+            Target::Redirect {
+                status,
+                location,
+                expires_at_ms,
+            } => {
+                if expires_at_ms != 0 && expires_at_ms <= now_unix_ms() {
+                    return respond(StatusCode::GONE, &JSON, GONE, head);
+                }
+                // The click: counted here; the analytics pipeline will ship
+                // the event from this point without waiting on it.
+                let _visitor = visitor_ip(
+                    peer,
+                    request.headers().get("x-forwarded-for"),
+                    &self.trusted_proxies,
+                );
+                metrics::counter!("edge_click_events_total").increment(1);
+                let mut response = respond(status, &TEXT, REDIRECT_BODY, head);
+                let headers = response.headers_mut();
+                headers.insert(header::LOCATION, location);
+                headers.insert(header::CACHE_CONTROL, NO_STORE.clone());
+                response
+            }
+            Target::Disabled => respond(StatusCode::GONE, &JSON, GONE, head),
+            Target::Missing => respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head),
+        }
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Limits that keep slow or abusive clients from holding the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Accepts connections until `shutdown`, then drains for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    edge: Arc<Edge>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("edge_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let edge = edge.clone();
+        let service = service_fn(move |request| {
+            let edge = edge.clone();
+            async move { Ok::<_, Infallible>(edge.handle(request, peer.ip()).await) }
+        });
+        let conn =
+            graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_codes_pass() {
+        assert_eq!(parse_code("/abc"), Some("abc"));
+        assert_eq!(parse_code("/A-b_9"), Some("A-b_9"));
+        assert_eq!(
+            parse_code(&format!("/{}", "a".repeat(64))).map(str::len),
+            Some(64)
+        );
+        for bad in [
+            "",
+            "/",
+            "abc",
+            "/abc/",
+            "/a/b",
+            "/a%2Fb",
+            "/%41",
+            "/a.b",
+            "/a b",
+            "/a\0b",
+            "/ä",
+            "//abc",
+            "/abc?x",
+            &format!("/{}", "a".repeat(65)),
+        ] {
+            assert_eq!(parse_code(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn forwarded_for_is_trusted_only_from_proxies() {
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        let header = HeaderValue::from_static("198.51.100.7, 127.0.0.1");
+        let trusted = [proxy];
+        assert_eq!(visitor_ip(stranger, Some(&header), &trusted), stranger);
+        assert_eq!(
+            visitor_ip(proxy, Some(&header), &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(visitor_ip(proxy, None, &trusted), proxy);
+        let spoofed = HeaderValue::from_static("garbage");
+        assert_eq!(visitor_ip(proxy, Some(&spoofed), &trusted), proxy);
+    }
+}
