@@ -9,3 +9,4 @@ cd "$ROOT"
 
 cargo bench -p keygen --locked
 cargo bench -p control-plane --locked
+cargo bench -p edge-redirect --locked

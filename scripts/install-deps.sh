@@ -22,6 +22,7 @@ PACKAGES=(
     "curl|cmd:curl"
     "ca-certificates|dpkg"
     "procps|cmd:ps"
+    "wrk|cmd:wrk"
 )
 
 # >>> EXTRA PACKAGES: add new stack components here, same format. <<<

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod event;
 pub mod http;
 pub mod ops;
 pub mod redis_conn;
@@ -18,3 +19,4 @@ pub mod testing;
 
 pub use config::{ConfigError, Env, Secret};
 pub use error::ErrorBody;
+pub use event::ClickEvent;

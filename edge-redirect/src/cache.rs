@@ -51,10 +51,15 @@ pub struct Cache {
     born: Instant,
     sweeping: Arc<AtomicBool>,
     evictions: Arc<AtomicU64>,
-    /// Bumped by every invalidation. A lookup that started before an
-    /// invalidation may carry the old value, so it is not cached.
-    epoch: AtomicU64,
+    /// Invalidation counters, striped by code hash (plus a whole-cache
+    /// counter for `clear`). A lookup that started before an invalidation of
+    /// its code may carry the old value, so it is not cached.
+    stripes: Vec<AtomicU64>,
+    cleared: AtomicU64,
+    hasher: std::hash::RandomState,
 }
+
+const STRIPES: usize = 4096;
 
 impl Cache {
     pub fn new(capacity: usize, max_age: Duration, negative_ttl: Duration) -> Arc<Self> {
@@ -66,7 +71,9 @@ impl Cache {
             born: Instant::now(),
             sweeping: Arc::new(AtomicBool::new(false)),
             evictions: Arc::new(AtomicU64::new(0)),
-            epoch: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            cleared: AtomicU64::new(0),
+            hasher: std::hash::RandomState::new(),
         })
     }
 
@@ -127,25 +134,34 @@ impl Cache {
         metrics::gauge!("edge_cache_entries").set(self.map.len() as f64);
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+    fn stripe(&self, code: &str) -> &AtomicU64 {
+        use std::hash::BuildHasher;
+        &self.stripes[(self.hasher.hash_one(code) as usize) % STRIPES]
     }
 
-    /// Caches the result of a lookup that started at `epoch`, unless an
-    /// invalidation happened since.
-    pub fn insert_if_current(self: &Arc<Self>, code: &str, target: Target, epoch: u64) {
-        if self.epoch() == epoch {
+    /// A token for "no invalidation of `code` since now".
+    pub fn epoch(&self, code: &str) -> (u64, u64) {
+        (
+            self.stripe(code).load(Ordering::Acquire),
+            self.cleared.load(Ordering::Acquire),
+        )
+    }
+
+    /// Caches the result of a lookup that started at `epoch`, unless `code`
+    /// was invalidated (or the cache cleared) since.
+    pub fn insert_if_current(self: &Arc<Self>, code: &str, target: Target, epoch: (u64, u64)) {
+        if self.epoch(code) == epoch {
             self.insert(code, target);
         }
     }
 
     pub fn remove(&self, code: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.stripe(code).fetch_add(1, Ordering::AcqRel);
         self.map.remove(code);
     }
 
     pub fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.cleared.fetch_add(1, Ordering::AcqRel);
         self.map.clear();
     }
 
@@ -214,12 +230,20 @@ mod tests {
     #[test]
     fn a_lookup_overtaken_by_an_invalidation_is_not_cached() {
         let cache = Cache::new(10, Duration::from_secs(60), Duration::from_secs(60));
-        let started = cache.epoch();
+        let started = cache.epoch("a");
+        let other = cache.epoch("b");
         cache.remove("a"); // an invalidation arrives while the lookup runs
         cache.insert_if_current("a", redirect("https://example.com/old"), started);
         assert_eq!(cache.get("a"), None);
-        cache.insert_if_current("a", redirect("https://example.com/new"), cache.epoch());
+        // Invalidating another code does not spoil this lookup.
+        cache.insert_if_current("b", redirect("https://example.com/b"), other);
+        assert!(cache.get("b").is_some());
+        cache.insert_if_current("a", redirect("https://example.com/new"), cache.epoch("a"));
         assert!(cache.get("a").is_some());
+        let before_clear = cache.epoch("c");
+        cache.clear();
+        cache.insert_if_current("c", redirect("https://example.com/c"), before_clear);
+        assert_eq!(cache.get("c"), None);
     }
 
     #[test]

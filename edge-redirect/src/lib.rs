@@ -8,6 +8,7 @@
 //! miss.
 
 pub mod cache;
+pub mod clicks;
 pub mod invalidate;
 pub mod resolve;
 pub mod server;
@@ -54,6 +55,9 @@ pub struct Config {
     pub header_timeout: Duration,
     /// `EDGE_MAX_HEADER_BYTES`, default 16384.
     pub max_header_bytes: usize,
+    /// `EDGE_CLICK_QUEUE`, default 100000: click events held in memory
+    /// before they are dropped (and counted as dropped).
+    pub click_queue: usize,
     /// `EDGE_WORKER_THREADS`, default: one per CPU.
     pub worker_threads: Option<usize>,
     /// `SHUTDOWN_DRAIN_MS`, default 10000.
@@ -91,11 +95,18 @@ impl Config {
         let max_connections: usize = env.parse_or("EDGE_MAX_CONNECTIONS", 10_000);
         let header_ms: u64 = env.parse_or("EDGE_HEADER_TIMEOUT_MS", 5_000);
         let max_header_bytes: usize = env.parse_or("EDGE_MAX_HEADER_BYTES", 16_384);
+        let click_queue: usize = env.parse_or("EDGE_CLICK_QUEUE", 100_000);
         let worker_threads: Option<usize> = env.parse_opt("EDGE_WORKER_THREADS");
         let drain_ms: u64 = env.parse_or("SHUTDOWN_DRAIN_MS", 10_000);
         let log_format = env.parse_or("LOG_FORMAT", LogFormat::Text);
-        if cache_capacity == 0 || max_connections == 0 || worker_threads == Some(0) {
-            env.problem("EDGE_CACHE_CAPACITY, EDGE_MAX_CONNECTIONS and EDGE_WORKER_THREADS must be at least 1");
+        if cache_capacity == 0
+            || max_connections == 0
+            || click_queue == 0
+            || worker_threads == Some(0)
+        {
+            env.problem(
+                "EDGE_CACHE_CAPACITY, EDGE_MAX_CONNECTIONS, EDGE_CLICK_QUEUE and EDGE_WORKER_THREADS must be at least 1",
+            );
         }
         env.finish()?;
         Ok(Self {
@@ -110,6 +121,7 @@ impl Config {
             max_connections,
             header_timeout: Duration::from_millis(header_ms),
             max_header_bytes,
+            click_queue,
             worker_threads,
             drain: Duration::from_millis(drain_ms),
             log_format,
@@ -138,9 +150,11 @@ impl Application {
         let redis = LazyRedis::new(config.redis_url.expose())
             .context("REDIS_URL is not a valid Redis URL")?;
         let edge = Arc::new(server::Edge {
+            clicks: clicks::ClickQueue::start(config.click_queue),
             cache: cache::Cache::new(config.cache_capacity, config.max_age, config.negative_ttl),
             resolver: resolve::Resolver::new(redis, config.control_plane_url.clone()),
             trusted_proxies: config.trusted_proxies.clone(),
+            counters: server::Counters::new(),
         });
         Ok(Self {
             public,

@@ -98,7 +98,7 @@ impl Resolver {
             .get_or_init(|| {
                 first = true;
                 async {
-                    let epoch = cache.epoch();
+                    let epoch = cache.epoch(code);
                     let result = self.fetch(code).await;
                     if let Ok(target) = &result {
                         cache.insert_if_current(code, target.clone(), epoch);

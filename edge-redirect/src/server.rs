@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::cache::{Cache, Target};
+use crate::clicks::{ClickQueue, RawClick};
 use crate::resolve::Resolver;
 
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -79,8 +80,33 @@ fn respond(
 
 pub struct Edge {
     pub cache: Arc<Cache>,
+    pub clicks: ClickQueue,
     pub resolver: Resolver,
     pub trusted_proxies: Vec<IpAddr>,
+    pub counters: Counters,
+}
+
+/// Counter handles fetched once, so the hot path skips the registry lookup.
+pub struct Counters {
+    hits: metrics::Counter,
+    misses: metrics::Counter,
+    rejected: metrics::Counter,
+}
+
+impl Counters {
+    pub fn new() -> Self {
+        Self {
+            hits: metrics::counter!("edge_cache_hits_total"),
+            misses: metrics::counter!("edge_cache_misses_total"),
+            rejected: metrics::counter!("edge_rejected_paths_total"),
+        }
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Edge {
@@ -98,16 +124,16 @@ impl Edge {
             }
         };
         let Some(code) = parse_code(request.uri().path()) else {
-            metrics::counter!("edge_rejected_paths_total").increment(1);
+            self.counters.rejected.increment(1);
             return respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head);
         };
         let target = match self.cache.get(code) {
             Some(target) => {
-                metrics::counter!("edge_cache_hits_total").increment(1);
+                self.counters.hits.increment(1);
                 target
             }
             None => {
-                metrics::counter!("edge_cache_misses_total").increment(1);
+                self.counters.misses.increment(1);
                 match self.resolver.lookup(code, &self.cache).await {
                     Ok(target) => target,
                     Err(error) => {
@@ -126,14 +152,16 @@ impl Edge {
                 if expires_at_ms != 0 && expires_at_ms <= now_unix_ms() {
                     return respond(StatusCode::GONE, &JSON, GONE, head);
                 }
-                // The click: counted here; the analytics pipeline will ship
-                // the event from this point without waiting on it.
-                let _visitor = visitor_ip(
-                    peer,
-                    request.headers().get("x-forwarded-for"),
-                    &self.trusted_proxies,
-                );
-                metrics::counter!("edge_click_events_total").increment(1);
+                let headers = request.headers();
+                self.clicks.push(RawClick {
+                    event_id: rand::random(),
+                    code: code.into(),
+                    ts_ms: now_unix_ms(),
+                    ip: visitor_ip(peer, headers.get("x-forwarded-for"), &self.trusted_proxies),
+                    user_agent: headers.get(header::USER_AGENT).cloned(),
+                    referer: headers.get(header::REFERER).cloned(),
+                    accept_language: headers.get(header::ACCEPT_LANGUAGE).cloned(),
+                });
                 let mut response = respond(status, &TEXT, REDIRECT_BODY, head);
                 let headers = response.headers_mut();
                 headers.insert(header::LOCATION, location);

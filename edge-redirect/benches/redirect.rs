@@ -1,0 +1,467 @@
+//! The edge against nginx, side by side in one run (`cargo bench -p
+//! edge-redirect`, part of `make bench`).
+//!
+//! 1. 100,000 links are created through the control plane's API.
+//! 2. The edge (release binary, click events on) warms its cache with every
+//!    code; nginx gets the same codes in a `map` answered with
+//!    `return 302 $target;` (`worker_processes auto`, no access log; codes
+//!    that differ only in case are left out, as nginx map keys ignore case).
+//! 3. wrk (1 thread, 64 connections, a random code per request) drives each
+//!    in alternating 10-second rounds; medians are printed with each
+//!    server's CPU time per redirect (user + system time of its processes
+//!    from /proc, divided by requests served), which does not depend on the
+//!    load generator.
+//! 4. Memory: 1,000,000 mappings are written to Redis in the control
+//!    plane's format and requested once each from a fresh edge; its resident
+//!    memory is compared with the same process before.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shortener_common::testing::{ManagedProcess, TestPostgres, TestRedis, free_port};
+
+const LINKS: usize = 100_000;
+const ROUNDS: usize = 3;
+const ROUND_SECS: u64 = 10;
+const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+/// user + system CPU time of a process and its children still running, in
+/// clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            // Fields after the command: state is index 0, utime 11, stime 12.
+            fields
+                .get(11)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                + fields
+                    .get(12)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn ticks_per_second() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(100)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// nginx's worker pids, children of the master.
+fn nginx_pids(master: u32) -> Vec<u32> {
+    let mut pids = vec![master];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let ppid = rest
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+struct Round {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_request: f64,
+}
+
+fn parse_ms(value: &str) -> f64 {
+    let value = value.trim();
+    if let Some(v) = value.strip_suffix("us") {
+        v.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(v) = value.strip_suffix("ms") {
+        v.parse().unwrap()
+    } else if let Some(v) = value.strip_suffix('s') {
+        v.parse::<f64>().unwrap() * 1000.0
+    } else {
+        panic!("unknown latency {value}")
+    }
+}
+
+fn wrk_round(url: &str, script: &Path, pids: &[u32]) -> Round {
+    let before = cpu_ticks(pids);
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c64",
+            &format!("-d{ROUND_SECS}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .expect("wrk is installed (make deps)");
+    let after = cpu_ticks(pids);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "wrk failed: {text}");
+    let line = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim_start().strip_prefix(prefix).map(str::trim))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+    };
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in {text}"));
+    let non_3xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .map(|n| n.trim().parse::<u64>().unwrap())
+        .unwrap_or(0);
+    assert_eq!(non_3xx, 0, "every request must redirect: {text}");
+    let cpu_secs = (after - before) as f64 / ticks_per_second() as f64;
+    Round {
+        rps: line("Requests/sec:").parse().unwrap(),
+        p50_ms: parse_ms(line("50%")),
+        p99_ms: parse_ms(line("99%")),
+        cpu_us_per_request: cpu_secs * 1e6 / requests,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+async fn wait_http(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status().as_u16() < 500
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start_edge(redis: &TestRedis, control_plane: &str, port: u16, admin: u16) -> ManagedProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-redirect"));
+    command
+        .env_clear()
+        .env("EDGE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("EDGE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+        .env("REDIS_URL", redis.url())
+        .env("CONTROL_PLANE_URL", control_plane)
+        .env("EDGE_CACHE_CAPACITY", "1100000")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null());
+    ManagedProcess::spawn("edge-redirect", command, 15)
+}
+
+async fn run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = TestPostgres::start();
+    let redis = TestRedis::start();
+
+    let keygen_port = free_port();
+    let keygen = keygen::Application::build(
+        keygen::Config::from_env(shortener_common::Env::from_pairs([
+            ("KEYGEN_SECRET", "edge-bench-keygen-secret-0123"),
+            ("KEYGEN_WORKER_ID", "0"),
+            (
+                "KEYGEN_STATE_DIR",
+                dir.path().join("keygen").to_str().unwrap(),
+            ),
+            ("KEYGEN_HTTP_ADDR", "127.0.0.1:0"),
+            ("KEYGEN_GRPC_ADDR", &format!("127.0.0.1:{keygen_port}")),
+        ]))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(keygen.run_until(std::future::pending()));
+    let cp_port = free_port();
+    let rocket = control_plane::build(
+        &control_plane::Config::from_env(shortener_common::Env::from_pairs([
+            ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
+            ("DATABASE_URL", pg.create_database()),
+            ("REDIS_URL", redis.url()),
+            ("KEYGEN_GRPC_URL", format!("http://127.0.0.1:{keygen_port}")),
+            ("ADMIN_API_KEY", ADMIN_KEY.into()),
+            ("RUN_MIGRATIONS", "true".into()),
+            ("RUST_LOG", "error".into()),
+        ]))
+        .unwrap(),
+    )
+    .unwrap();
+    tokio::spawn(async move {
+        let _ = rocket.launch().await;
+    });
+    let control_plane = format!("http://127.0.0.1:{cp_port}");
+    wait_http(&format!("{control_plane}/healthz")).await;
+
+    // 1. Links through the API.
+    let started = Instant::now();
+    let api = reqwest::Client::new();
+    let workers: Vec<_> = (0..32)
+        .map(|w| {
+            let (api, control_plane) = (api.clone(), control_plane.clone());
+            tokio::spawn(async move {
+                let mut links = Vec::new();
+                for i in (w..LINKS).step_by(32) {
+                    let url = format!("https://example.com/articles/{i}?ref=bench");
+                    let response = api
+                        .post(format!("{control_plane}/shorten"))
+                        .bearer_auth(ADMIN_KEY)
+                        .json(&json!({"url": url}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 201);
+                    let body: Value = response.json().await.unwrap();
+                    links.push((body["code"].as_str().unwrap().to_owned(), url));
+                }
+                links
+            })
+        })
+        .collect();
+    let mut links = Vec::with_capacity(LINKS);
+    for worker in workers {
+        links.extend(worker.await.unwrap());
+    }
+    eprintln!(
+        "created {} links through the API in {:?}",
+        links.len(),
+        started.elapsed()
+    );
+    // nginx map keys ignore case: keep one code per case-folded key.
+    let mut folded = HashSet::new();
+    links.retain(|(code, _)| folded.insert(code.to_ascii_lowercase()));
+
+    // 2. The edge, warmed with every code.
+    let (edge_port, edge_admin) = (free_port(), free_port());
+    let edge = start_edge(&redis, &control_plane, edge_port, edge_admin);
+    wait_http(&format!("http://127.0.0.1:{edge_admin}/healthz")).await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let chunks: Vec<Vec<(String, String)>> = links
+        .chunks(links.len().div_ceil(64))
+        .map(<[_]>::to_vec)
+        .collect();
+    let warmers: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let plain = plain.clone();
+            tokio::spawn(async move {
+                for (code, url) in chunk {
+                    let response = plain
+                        .get(format!("http://127.0.0.1:{edge_port}/{code}"))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 302);
+                    assert_eq!(response.headers()["location"].to_str().unwrap(), url);
+                }
+            })
+        })
+        .collect();
+    for warmer in warmers {
+        warmer.await.unwrap();
+    }
+
+    // nginx with the same mappings.
+    let nginx_dir = dir.path().join("nginx");
+    std::fs::create_dir_all(&nginx_dir).unwrap();
+    let nginx_port = free_port();
+    let mut map = std::fs::File::create(nginx_dir.join("links.map")).unwrap();
+    for (code, url) in &links {
+        writeln!(map, "/{code} \"{url}\";").unwrap();
+    }
+    let user = if running_as_root() {
+        "user nobody nogroup;"
+    } else {
+        ""
+    };
+    let d = nginx_dir.display();
+    std::fs::write(
+        nginx_dir.join("nginx.conf"),
+        format!(
+            "{user}\nworker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               map_hash_max_size 262144;\n  map_hash_bucket_size 128;\n\
+               map $uri $target {{\n    default \"\";\n    include {d}/links.map;\n  }}\n\
+               server {{\n    listen 127.0.0.1:{nginx_port} reuseport backlog=4096;\n\
+                 location / {{\n      if ($target = \"\") {{ return 404; }}\n      return 302 $target;\n    }}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let mut nginx_cmd = Command::new("nginx");
+    nginx_cmd
+        .arg("-c")
+        .arg(nginx_dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(nginx_dir.join("error.log"))
+        .stdout(Stdio::null());
+    let nginx = ManagedProcess::spawn("nginx", nginx_cmd, 3);
+    wait_http(&format!("http://127.0.0.1:{nginx_port}/x")).await;
+
+    // 3. wrk rounds, alternating.
+    let codes_file = dir.path().join("codes.txt");
+    std::fs::write(
+        &codes_file,
+        links
+            .iter()
+            .map(|(c, _)| format!("{c}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let script = dir.path().join("random.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "local codes = {{}}\nfor line in io.lines(\"{}\") do codes[#codes + 1] = \"/\" .. line end\n\
+             math.randomseed(os.time())\n\
+             request = function()\n  return wrk.format(\"GET\", codes[math.random(#codes)])\nend\n",
+            codes_file.display()
+        ),
+    )
+    .unwrap();
+    let edge_pids = [edge.pid()];
+    let nginx_all = nginx_pids(nginx.pid());
+    let mut edge_rounds = Vec::new();
+    let mut nginx_rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        edge_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{edge_port}"),
+            &script,
+            &edge_pids,
+        ));
+        nginx_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{nginx_port}"),
+            &script,
+            &nginx_all,
+        ));
+    }
+    let summary = |rounds: &[Round]| {
+        (
+            median(rounds.iter().map(|r| r.rps).collect()),
+            median(rounds.iter().map(|r| r.p50_ms).collect()),
+            median(rounds.iter().map(|r| r.p99_ms).collect()),
+            median(rounds.iter().map(|r| r.cpu_us_per_request).collect()),
+        )
+    };
+    let (e_rps, e_p50, e_p99, e_cpu) = summary(&edge_rounds);
+    let (n_rps, n_p50, n_p99, n_cpu) = summary(&nginx_rounds);
+    drop(nginx);
+    drop(edge);
+
+    // 4. Memory with 1,000,000 cached links.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let million = 1_000_000usize;
+    for chunk in (0..million).collect::<Vec<_>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("link:m{i:07}"))
+                .arg(format!(
+                    r#"{{"url":"https://example.com/articles/{i}?ref=bench","status":302,"expires_at_ms":null,"disabled":false}}"#
+                ))
+                .ignore();
+        }
+        pipe.query::<()>(&mut conn).unwrap();
+    }
+    let (mem_port, mem_admin) = (free_port(), free_port());
+    let mem_edge = start_edge(&redis, &control_plane, mem_port, mem_admin);
+    wait_http(&format!("http://127.0.0.1:{mem_admin}/healthz")).await;
+    let rss_empty = rss_kib(mem_edge.pid());
+    let fetchers: Vec<_> = (0..64)
+        .map(|w| {
+            let plain = plain.clone();
+            tokio::spawn(async move {
+                for i in (w..million).step_by(64) {
+                    let response = plain
+                        .get(format!("http://127.0.0.1:{mem_port}/m{i:07}"))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 302);
+                }
+            })
+        })
+        .collect();
+    for fetcher in fetchers {
+        fetcher.await.unwrap();
+    }
+    let rss_full = rss_kib(mem_edge.pid());
+    let per_link = (rss_full.saturating_sub(rss_empty)) as f64 * 1024.0 / million as f64;
+
+    println!(
+        "edge-redirect vs nginx: {} links, wrk -t1 -c64, {ROUNDS} alternating rounds of {ROUND_SECS} s, medians",
+        links.len()
+    );
+    println!(
+        "  edge (click events on):  {e_rps:>9.0} req/s  p50 {e_p50:.2} ms  p99 {e_p99:.2} ms  CPU {e_cpu:.1} us/redirect"
+    );
+    println!(
+        "  nginx map + return 302:  {n_rps:>9.0} req/s  p50 {n_p50:.2} ms  p99 {n_p99:.2} ms  CPU {n_cpu:.1} us/redirect  [reference]"
+    );
+    println!(
+        "  edge/nginx: throughput {:.2}x, p99 {:.2}x, CPU per redirect {:.2}x",
+        e_rps / n_rps,
+        e_p99 / n_p99,
+        e_cpu / n_cpu
+    );
+    println!(
+        "  memory: {rss_empty} KiB empty, {rss_full} KiB with {million} cached links: {per_link:.0} bytes per link (target < 200)"
+    );
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
