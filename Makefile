@@ -1,5 +1,5 @@
 # Every target is a command, not a file.
-.PHONY: up down logs status deps test bench fmt lint
+.PHONY: up down logs status deps test bench fmt lint load
 
 up:
 	scripts/stack.sh up
@@ -29,3 +29,8 @@ fmt:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# k6 load against `make up`'s gateway (BASE_URL and ADMIN_API_KEY override).
+load:
+	scripts/install-deps.sh
+	scripts/load.sh

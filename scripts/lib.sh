@@ -5,9 +5,10 @@
 # Resolve the repo root from this file's location so the scripts work from any
 # working directory (make, CI, a user's shell in a subdirectory).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Used by the scripts that source this file.
+# Where the stack keeps its state; STACK_DIR moves it (the end-to-end test
+# runs a second, throw-away stack this way).
 # shellcheck disable=SC2034
-LOCAL="$ROOT/.local"
+LOCAL="${STACK_DIR:-$ROOT/.local}"
 
 # Non-root shells on Debian do not have the sbin directories on PATH, yet
 # nginx and runuser live there. rustup installs into ~/.cargo/bin, which
@@ -16,6 +17,8 @@ PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 if ! command -v cargo >/dev/null 2>&1 && [[ -d "${CARGO_HOME:-${HOME:-}/.cargo}/bin" ]]; then
     PATH="$PATH:${CARGO_HOME:-${HOME:-}/.cargo}/bin"
 fi
+# pip --user installs (Debian's Python) land here.
+PATH="$PATH:${HOME:-/root}/.local/bin"
 export PATH
 
 # Ports. Defaults avoid the system services' ports (5432, 6379, 80) so the

@@ -12,3 +12,6 @@ cargo test --workspace --locked
 
 # Infra checks: configs that only fail at `make up` time otherwise.
 scripts/check-gateway.sh
+
+# End to end through the gateway: a throw-away `make up` stack on free ports.
+tests/e2e.sh

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# End-to-end: the whole stack as `make up` runs it (release binaries,
+# PostgreSQL, Redis, the nginx gateway), on free ports with its state in a
+# temp dir, driven only through the public gateway. Stopped by pid at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+STACK_DIR="$(mktemp -d)"
+chmod 755 "$STACK_DIR"
+export STACK_DIR
+for var in GATEWAY_PORT EDGE_PORT EDGE_ADMIN_PORT CONTROL_PLANE_PORT KEYGEN_PORT KEYGEN_GRPC_PORT ANALYTICS_PORT STACK_PG_PORT STACK_REDIS_PORT; do
+    export "$var=$(free_port)"
+done
+unset ADMIN_API_KEY
+cleanup() {
+    scripts/stack.sh down >/dev/null 2>&1 || true
+    rm -rf "$STACK_DIR"
+}
+trap cleanup EXIT
+
+scripts/stack.sh up >"$STACK_DIR/up.log" 2>&1 || { cat "$STACK_DIR/up.log"; exit 1; }
+KEY="$(cat "$STACK_DIR/secrets/admin_api_key")"
+GW="http://127.0.0.1:$GATEWAY_PORT"
+failures=0
+check() { # name expected actual
+    if [[ "$2" == "$3" ]]; then
+        echo "ok: $1"
+    else
+        echo "FAIL: $1: expected [$2], got [$3]"
+        failures=$((failures + 1))
+    fi
+}
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+# status and the error code of the JSON body: "404 not_found"
+status_and_code() {
+    local status
+    status="$(curl -s -o "$STACK_DIR/body" -w '%{http_code}' "$@")"
+    echo "$status $(json "['error']['code']" <"$STACK_DIR/body")"
+}
+
+# Shorten through the gateway.
+body="$(curl -s -X POST "$GW/shorten" -H "Authorization: Bearer $KEY" \
+    -H 'Content-Type: application/json' -d '{"url":"https://example.com/e2e?q=1"}')"
+code="$(json "['code']" <<<"$body")"
+check "short_url uses the gateway" "$GW/$code" "$(json "['short_url']" <<<"$body")"
+
+# Follow it through the gateway.
+check "redirect through the gateway" "302 https://example.com/e2e?q=1" \
+    "$(curl -s -o /dev/null -w '%{http_code} %{redirect_url}' "$GW/$code")"
+check "HEAD through the gateway" "302" "$(curl -s -o /dev/null -I -w '%{http_code}' "$GW/$code")"
+
+# A change reaches the edge behind the gateway.
+curl -s -o /dev/null -X PATCH "$GW/links/$code" -H "Authorization: Bearer $KEY" \
+    -H 'Content-Type: application/json' -d '{"disabled":true}'
+status=""
+for _ in $(seq 1 50); do
+    status="$(curl -s -o /dev/null -w '%{http_code}' "$GW/$code")"
+    [[ "$status" == 410 ]] && break
+    sleep 0.02
+done
+check "disabled link is 410 within a second" "410" "$status"
+
+check "unknown code" "404 not_found" "$(status_and_code "$GW/NoSuchCode42")"
+check "admin route without a key" "401" "$(curl -s -o /dev/null -w '%{http_code}' "$GW/links")"
+check "listing through the gateway" "1" \
+    "$(curl -s "$GW/links" -H "Authorization: Bearer $KEY" | json "['links'].__len__()")"
+check "OpenAPI document" "3.0.3" "$(curl -s "$GW/openapi.json" | json "['openapi']")"
+
+# Internal routes are not reachable through the gateway.
+for path in "/internal/resolve/$code" /metrics /healthz /readyz /generate-key; do
+    check "gateway hides $path" "404" "$(curl -s -o /dev/null -w '%{http_code}' "$GW$path")"
+done
+
+# The gateway's own errors are JSON too.
+big="$(python3 -c 'print("{\"url\":\"https://example.com/" + "a" * 70000 + "\"}")')"
+check "413 for a big body, as JSON" "413 payload_too_large" \
+    "$(status_and_code -X POST "$GW/shorten" -H "Authorization: Bearer $KEY" \
+        -H 'Content-Type: application/json' --data-binary "$big")"
+
+# k6 smoke runs of the load scripts, with their thresholds.
+for script in k6/redirect.js k6/shorten.js; do
+    if k6 run --quiet -e BASE_URL="$GW" -e ADMIN_API_KEY="$KEY" -e DURATION=3s -e VUS=8 -e LINKS=50 -e RATE=20 \
+        "$script" >"$STACK_DIR/k6.log" 2>&1; then
+        echo "ok: k6 $script"
+    else
+        cat "$STACK_DIR/k6.log"
+        echo "FAIL: k6 $script"
+        failures=$((failures + 1))
+    fi
+done
+
+if ((failures > 0)); then
+    echo "e2e: $failures check(s) failed"
+    exit 1
+fi
+echo "e2e: all checks passed"
