@@ -65,7 +65,15 @@ pub fn host_and_port(url: &str) -> Option<(String, u16)> {
     (!host.is_empty()).then(|| (host.to_owned(), port))
 }
 
-async fn handle(deps: &[Dependency], request: Request<Incoming>) -> Response<Body> {
+/// Why a service is not ready: the stable error code and a message.
+pub type NotReady = (&'static str, String);
+
+/// Answers the operations routes; `readiness` decides `/readyz`.
+pub async fn respond<F, Fut>(request: Request<Incoming>, readiness: F) -> Response<Body>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), NotReady>>,
+{
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -75,23 +83,10 @@ async fn handle(deps: &[Dependency], request: Request<Incoming>) -> Response<Bod
     }
     match request.uri().path() {
         "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        "/readyz" => {
-            let mut down = Vec::new();
-            for dep in deps {
-                if !dep.reachable().await {
-                    down.push(dep.name);
-                }
-            }
-            if down.is_empty() {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-            } else {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "dependency_unavailable",
-                    format!("unreachable: {}", down.join(", ")),
-                )
-            }
-        }
+        "/readyz" => match readiness().await {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+            Err((code, message)) => error(StatusCode::SERVICE_UNAVAILABLE, code, message),
+        },
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -105,6 +100,24 @@ async fn handle(deps: &[Dependency], request: Request<Incoming>) -> Response<Bod
     }
 }
 
+/// Ready when every dependency accepts a TCP connection.
+async fn dependencies_reachable(deps: &[Dependency]) -> Result<(), NotReady> {
+    let mut down = Vec::new();
+    for dep in deps {
+        if !dep.reachable().await {
+            down.push(dep.name);
+        }
+    }
+    if down.is_empty() {
+        Ok(())
+    } else {
+        Err((
+            "dependency_unavailable",
+            format!("unreachable: {}", down.join(", ")),
+        ))
+    }
+}
+
 /// Binds `addr` and serves the operations routes until SIGTERM or Ctrl-C.
 pub async fn run(addr: SocketAddr, deps: Vec<Dependency>, drain: Duration) -> std::io::Result<()> {
     crate::telemetry::metrics_handle();
@@ -115,7 +128,7 @@ pub async fn run(addr: SocketAddr, deps: Vec<Dependency>, drain: Duration) -> st
         listener,
         move |request| {
             let deps = deps.clone();
-            async move { handle(&deps, request).await }
+            async move { respond(request, || dependencies_reachable(&deps)).await }
         },
         crate::telemetry::shutdown_signal(),
         drain,

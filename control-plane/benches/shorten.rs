@@ -36,21 +36,8 @@ async fn run() {
     let redis = TestRedis::start();
 
     // keygen in-process, pinned, so the bench needs no lease.
+    let keygen = keygen::testing::InProcessKeygen::start().await;
     let state = tempfile::tempdir().unwrap();
-    let grpc_port = free_port();
-    let keygen = keygen::Application::build(
-        keygen::Config::from_env(shortener_common::Env::from_pairs([
-            ("KEYGEN_SECRET", "bench-keygen-secret-0123456789"),
-            ("KEYGEN_WORKER_ID", "0"),
-            ("KEYGEN_STATE_DIR", state.path().to_str().unwrap()),
-            ("KEYGEN_HTTP_ADDR", "127.0.0.1:0"),
-            ("KEYGEN_GRPC_ADDR", &format!("127.0.0.1:{grpc_port}")),
-        ]))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(keygen.run_until(std::future::pending()));
 
     let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_control-plane"));
@@ -60,7 +47,7 @@ async fn run() {
         .env("DATABASE_URL", &database)
         .env("DATABASE_POOL_SIZE", "8")
         .env("REDIS_URL", redis.url())
-        .env("KEYGEN_GRPC_URL", format!("http://127.0.0.1:{grpc_port}"))
+        .env("KEYGEN_GRPC_URL", keygen.grpc_url())
         .env("ADMIN_API_KEY", ADMIN_KEY)
         .env("RUN_MIGRATIONS", "true")
         .env("RUST_LOG", "error")

@@ -5,83 +5,20 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keygen::testing::InProcessKeygen;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
-use shortener_common::testing::{
-    ManagedProcess, TestPostgres, TestRedis, eventually, free_port, unique_name,
-};
+use shortener_common::testing::{ManagedProcess, TestPostgres, TestRedis, eventually, free_port};
 
 const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
 const PUBLIC: &str = "http://sho.rt.test";
-
-/// keygen running inside the test process, stoppable and restartable on the
-/// same port.
-struct Keygen {
-    port: u16,
-    state: tempfile::TempDir,
-    secret: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Keygen {
-    async fn start() -> Self {
-        let mut keygen = Self {
-            port: free_port(),
-            state: tempfile::tempdir().unwrap(),
-            secret: unique_name("keygen-secret-for-tests"),
-            stop: None,
-            task: None,
-        };
-        keygen.run().await;
-        keygen
-    }
-
-    async fn run(&mut self) {
-        let config = keygen::Config::from_env(shortener_common::Env::from_pairs([
-            ("KEYGEN_SECRET", self.secret.clone()),
-            ("KEYGEN_WORKER_ID", "0".to_owned()),
-            (
-                "KEYGEN_STATE_DIR",
-                self.state.path().to_str().unwrap().to_owned(),
-            ),
-            ("KEYGEN_HTTP_ADDR", "127.0.0.1:0".to_owned()),
-            ("KEYGEN_GRPC_ADDR", format!("127.0.0.1:{}", self.port)),
-            ("SHUTDOWN_DRAIN_MS", "100".to_owned()),
-        ]))
-        .unwrap();
-        let app = keygen::Application::build(config).await.unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        self.stop = Some(tx);
-        self.task = Some(tokio::spawn(async move {
-            app.run_until(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        }));
-    }
-
-    async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
 
 struct TestApp {
     _process: ManagedProcess,
     port: u16,
     database_url: String,
     redis: TestRedis,
-    keygen: Keygen,
+    keygen: InProcessKeygen,
     client: Client,
     env: Vec<(String, String)>,
 }
@@ -93,13 +30,13 @@ impl TestApp {
 
     async fn spawn_with(database_url: &str, extra: &[(&str, &str)]) -> Self {
         let redis = TestRedis::start();
-        let keygen = Keygen::start().await;
+        let keygen = InProcessKeygen::start().await;
         let port = free_port();
         let mut env: Vec<(String, String)> = vec![
             ("CONTROL_PLANE_ADDR".into(), format!("127.0.0.1:{port}")),
             ("DATABASE_URL".into(), database_url.to_owned()),
             ("REDIS_URL".into(), redis.url()),
-            ("KEYGEN_GRPC_URL".into(), keygen.url()),
+            ("KEYGEN_GRPC_URL".into(), keygen.grpc_url()),
             ("PUBLIC_BASE_URL".into(), PUBLIC.into()),
             ("ADMIN_API_KEY".into(), ADMIN_KEY.into()),
             ("RUN_MIGRATIONS".into(), "true".into()),

@@ -199,30 +199,14 @@ async fn run() {
     let pg = TestPostgres::start();
     let redis = TestRedis::start();
 
-    let keygen_port = free_port();
-    let keygen = keygen::Application::build(
-        keygen::Config::from_env(shortener_common::Env::from_pairs([
-            ("KEYGEN_SECRET", "edge-bench-keygen-secret-0123"),
-            ("KEYGEN_WORKER_ID", "0"),
-            (
-                "KEYGEN_STATE_DIR",
-                dir.path().join("keygen").to_str().unwrap(),
-            ),
-            ("KEYGEN_HTTP_ADDR", "127.0.0.1:0"),
-            ("KEYGEN_GRPC_ADDR", &format!("127.0.0.1:{keygen_port}")),
-        ]))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(keygen.run_until(std::future::pending()));
+    let keygen = keygen::testing::InProcessKeygen::start().await;
     let cp_port = free_port();
     let rocket = control_plane::build(
         &control_plane::Config::from_env(shortener_common::Env::from_pairs([
             ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
             ("DATABASE_URL", pg.create_database()),
             ("REDIS_URL", redis.url()),
-            ("KEYGEN_GRPC_URL", format!("http://127.0.0.1:{keygen_port}")),
+            ("KEYGEN_GRPC_URL", keygen.grpc_url()),
             ("ADMIN_API_KEY", ADMIN_KEY.into()),
             ("RUN_MIGRATIONS", "true".into()),
             ("RUST_LOG", "error".into()),

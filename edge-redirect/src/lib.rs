@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use http::{Method, StatusCode};
 use shortener_common::redis_conn::LazyRedis;
 use shortener_common::telemetry::LogFormat;
 use shortener_common::{ConfigError, Env, Secret};
@@ -230,41 +229,21 @@ async fn admin(
     edge: &server::Edge,
     request: http::Request<hyper::body::Incoming>,
 ) -> http::Response<shortener_common::http::Body> {
-    use shortener_common::http::{error, json, text};
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "only GET is served here",
-        );
-    }
-    match request.uri().path() {
-        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        "/readyz" => match edge
+    metrics::gauge!("edge_cache_entries").set(edge.cache.len() as f64);
+    shortener_common::ops::respond(request, || async {
+        match edge
             .resolver
             .redis()
             .run::<String>(&redis::cmd("PING"))
             .await
         {
-            Ok(_) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-            Err(_) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
+            Ok(_) => Ok(()),
+            Err(_) => Err((
                 "degraded",
-                "Redis is unreachable: cached links still redirect, misses go to the control plane",
-            ),
-        },
-        "/metrics" => {
-            metrics::gauge!("edge_cache_entries").set(edge.cache.len() as f64);
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                shortener_common::telemetry::metrics_handle().render(),
-            )
+                "Redis is unreachable: cached links still redirect, misses go to the control plane"
+                    .to_owned(),
+            )),
         }
-        path => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no route for {path}"),
-        ),
-    }
+    })
+    .await
 }

@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use keygen::testing::InProcessKeygen;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
-use shortener_common::testing::{TestPostgres, TestRedis, eventually, free_port, unique_name};
+use shortener_common::testing::{TestPostgres, TestRedis, eventually, free_port};
 
 const ADMIN_KEY: &str = "edge-test-admin-key-0123456789";
 
@@ -18,37 +19,20 @@ struct Stack {
     admin_port: u16,
     edge: Client,
     api: Client,
-    _keygen_state: tempfile::TempDir,
+    _keygen: InProcessKeygen,
 }
 
 impl Stack {
     async fn start() -> Self {
         let redis = TestRedis::start();
-        let keygen_state = tempfile::tempdir().unwrap();
-        let keygen_port = free_port();
-        let keygen = keygen::Application::build(
-            keygen::Config::from_env(shortener_common::Env::from_pairs([
-                ("KEYGEN_SECRET", unique_name("edge-test-keygen-secret")),
-                ("KEYGEN_WORKER_ID", "0".into()),
-                (
-                    "KEYGEN_STATE_DIR",
-                    keygen_state.path().to_str().unwrap().into(),
-                ),
-                ("KEYGEN_HTTP_ADDR", "127.0.0.1:0".into()),
-                ("KEYGEN_GRPC_ADDR", format!("127.0.0.1:{keygen_port}")),
-            ]))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(keygen.run_until(std::future::pending()));
+        let keygen = InProcessKeygen::start().await;
 
         let cp_port = free_port();
         let cp_config = control_plane::Config::from_env(shortener_common::Env::from_pairs([
             ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
             ("DATABASE_URL", TestPostgres::shared().create_database()),
             ("REDIS_URL", redis.url()),
-            ("KEYGEN_GRPC_URL", format!("http://127.0.0.1:{keygen_port}")),
+            ("KEYGEN_GRPC_URL", keygen.grpc_url()),
             ("ADMIN_API_KEY", ADMIN_KEY.into()),
             ("RUN_MIGRATIONS", "true".into()),
         ]))
@@ -84,7 +68,7 @@ impl Stack {
                 .build()
                 .unwrap(),
             api: Client::new(),
-            _keygen_state: keygen_state,
+            _keygen: keygen,
         };
         let url = format!("{}/healthz", stack.control_plane);
         eventually(

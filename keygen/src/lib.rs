@@ -18,6 +18,8 @@ pub mod http;
 pub mod layout;
 pub mod permute;
 pub mod service;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod worker;
 
 pub mod proto {
