@@ -21,6 +21,14 @@ trap cleanup EXIT
 
 scripts/stack.sh up >"$STACK_DIR/up.log" 2>&1 || { cat "$STACK_DIR/up.log"; exit 1; }
 KEY="$(cat "$STACK_DIR/secrets/admin_api_key")"
+
+# A second `up` is harmless: everything is already running and is left alone.
+scripts/stack.sh up >"$STACK_DIR/up-again.log" 2>&1 || { cat "$STACK_DIR/up-again.log"; exit 1; }
+if ! grep -q "already running" "$STACK_DIR/up-again.log" || grep -q ": started" "$STACK_DIR/up-again.log"; then
+    cat "$STACK_DIR/up-again.log"
+    echo "FAIL: a second up restarted something"
+    exit 1
+fi
 GW="http://127.0.0.1:$GATEWAY_PORT"
 failures=0
 check() { # name expected actual

@@ -550,3 +550,43 @@ fn three_million_consecutive_ids_give_distinct_short_codes() {
     let second = permutation.forward(start + 1);
     assert!(first.abs_diff(second) > 1_000_000, "{first} {second}");
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    let state = tempfile::tempdir().unwrap();
+    let log_path = state.path().join("stderr.log");
+    let (http, grpc) = (free_port(), free_port());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keygen"));
+    command
+        .env_clear()
+        .env("KEYGEN_SECRET", SECRET)
+        .env("KEYGEN_WORKER_ID", "2")
+        .env("KEYGEN_STATE_DIR", state.path())
+        .env("KEYGEN_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("KEYGEN_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let process = ManagedProcess::spawn("keygen", command, libc_sigterm());
+    let keygen = KeygenProcess {
+        process,
+        http,
+        grpc,
+    };
+    keygen.wait_ready().await;
+    let text = eventually(Duration::from_secs(10), "a log line", || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { text.contains("keygen is listening").then_some(text) }
+    })
+    .await;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let value: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            value["level"].is_string() && value["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(!text.contains(SECRET), "the secret must never be logged");
+}
