@@ -76,6 +76,46 @@ pub fn wait_for(timeout: Duration, what: &str, mut probe: impl FnMut() -> bool) 
     }
 }
 
+/// The status code a `GET` of `url` (`http://host:port/path`) answers, or
+/// `None` when nothing answers. A tiny HTTP/1.0 client, so the harness needs
+/// no HTTP library.
+pub async fn http_status(url: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, format!("/{path}")),
+        None => (rest, "/".to_owned()),
+    };
+    let limit = Duration::from_secs(2);
+    let mut stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(authority))
+        .await
+        .ok()?
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut head = [0u8; 32];
+    let n = tokio::time::timeout(limit, stream.read(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    std::str::from_utf8(&head[..n])
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Polls until a `GET` of `url` answers `status`, or panics after `timeout`.
+pub async fn until_http_status(url: &str, status: u16, timeout: Duration) {
+    eventually(
+        timeout,
+        &format!("{url} to answer {status}"),
+        || async move { (http_status(url).await == Some(status)).then_some(()) },
+    )
+    .await;
+}
+
 /// A child process that is stopped by pid when dropped.
 pub struct ManagedProcess {
     name: String,

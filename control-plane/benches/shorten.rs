@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use shortener_common::testing::{ManagedProcess, TestPostgres, TestRedis, free_port};
+use shortener_common::testing::{
+    ManagedProcess, TestPostgres, TestRedis, free_port, until_http_status,
+};
 
 const CLIENTS: usize = 32;
 const WINDOW: Duration = Duration::from_secs(10);
@@ -58,20 +60,7 @@ async fn run() {
         .pool_max_idle_per_host(CLIENTS)
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "control plane did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_http_status(&format!("{base}/readyz"), 200, Duration::from_secs(30)).await;
 
     // Warm up connections, the key lease and PostgreSQL's caches.
     for i in 0..200 {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use keygen::testing::InProcessKeygen;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
-use shortener_common::testing::{ManagedProcess, TestPostgres, TestRedis, eventually, free_port};
+use shortener_common::testing::{
+    ManagedProcess, TestPostgres, TestRedis, eventually, free_port, until_http_status,
+};
 
 const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
 const PUBLIC: &str = "http://sho.rt.test";
@@ -68,22 +70,25 @@ impl TestApp {
     }
 
     async fn wait_healthy(&self) {
-        let url = self.url("/healthz");
-        eventually(
-            Duration::from_secs(30),
-            "control plane to answer /healthz",
-            || {
-                let url = url.clone();
-                async move {
-                    reqwest::get(&url)
-                        .await
-                        .ok()
-                        .filter(|r| r.status() == 200)
-                        .map(drop)
-                }
-            },
-        )
-        .await;
+        until_http_status(&self.url("/healthz"), 200, Duration::from_secs(30)).await;
+    }
+
+    /// `n` creates at once; each must succeed.
+    async fn create_concurrently(&self, n: usize, tag: &str) {
+        let creates: Vec<_> = (0..n)
+            .map(|i| {
+                tokio::spawn(
+                    self.client
+                        .post(self.url("/shorten"))
+                        .bearer_auth(ADMIN_KEY)
+                        .json(&json!({"url": format!("https://example.com/{tag}/{i}")}))
+                        .send(),
+                )
+            })
+            .collect();
+        for create in creates {
+            assert_eq!(create.await.unwrap().unwrap().status(), 201);
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -778,20 +783,7 @@ async fn postgres_down_fails_fast_with_503_and_recovers_without_a_restart() {
     let code = link["code"].as_str().unwrap().to_owned();
 
     // Fill the pool with connections that the restart will kill.
-    let warm: Vec<_> = (0..16)
-        .map(|i| {
-            tokio::spawn(
-                app.client
-                    .post(app.url("/shorten"))
-                    .bearer_auth(ADMIN_KEY)
-                    .json(&json!({"url": format!("https://example.com/warm/{i}")}))
-                    .send(),
-            )
-        })
-        .collect();
-    for request in warm {
-        assert_eq!(request.await.unwrap().unwrap().status(), 201);
-    }
+    app.create_concurrently(16, "warm").await;
     pg.stop();
     let started = Instant::now();
     let (status, body) = app
@@ -833,20 +825,7 @@ async fn postgres_down_fails_fast_with_503_and_recovers_without_a_restart() {
         200
     );
     // No dead pooled connection is handed out again: every request succeeds.
-    let creates: Vec<_> = (0..40)
-        .map(|i| {
-            tokio::spawn(
-                app.client
-                    .post(app.url("/shorten"))
-                    .bearer_auth(ADMIN_KEY)
-                    .json(&json!({"url": format!("https://example.com/after/{i}")}))
-                    .send(),
-            )
-        })
-        .collect();
-    for create in creates {
-        assert_eq!(create.await.unwrap().unwrap().status(), 201);
-    }
+    app.create_concurrently(40, "after").await;
 }
 
 #[tokio::test]

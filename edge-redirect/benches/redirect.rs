@@ -22,7 +22,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use shortener_common::testing::{ManagedProcess, TestPostgres, TestRedis, free_port};
+use shortener_common::testing::{
+    ManagedProcess, TestPostgres, TestRedis, free_port, until_http_status,
+};
 
 const LINKS: usize = 100_000;
 const ROUNDS: usize = 3;
@@ -167,19 +169,6 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-async fn wait_http(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(url).await
-            && r.status().as_u16() < 500
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{url} did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn start_edge(redis: &TestRedis, control_plane: &str, port: u16, admin: u16) -> ManagedProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edge-redirect"));
     command
@@ -218,7 +207,12 @@ async fn run() {
         let _ = rocket.launch().await;
     });
     let control_plane = format!("http://127.0.0.1:{cp_port}");
-    wait_http(&format!("{control_plane}/healthz")).await;
+    until_http_status(
+        &format!("{control_plane}/healthz"),
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
 
     // 1. Links through the API.
     let started = Instant::now();
@@ -261,7 +255,12 @@ async fn run() {
     // 2. The edge, warmed with every code.
     let (edge_port, edge_admin) = (free_port(), free_port());
     let edge = start_edge(&redis, &control_plane, edge_port, edge_admin);
-    wait_http(&format!("http://127.0.0.1:{edge_admin}/healthz")).await;
+    until_http_status(
+        &format!("http://127.0.0.1:{edge_admin}/healthz"),
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -326,7 +325,12 @@ async fn run() {
         .arg(nginx_dir.join("error.log"))
         .stdout(Stdio::null());
     let nginx = ManagedProcess::spawn("nginx", nginx_cmd, 3);
-    wait_http(&format!("http://127.0.0.1:{nginx_port}/x")).await;
+    until_http_status(
+        &format!("http://127.0.0.1:{nginx_port}/x"),
+        404,
+        Duration::from_secs(30),
+    )
+    .await;
 
     // 3. wrk rounds, alternating.
     let codes_file = dir.path().join("codes.txt");
@@ -398,7 +402,12 @@ async fn run() {
     }
     let (mem_port, mem_admin) = (free_port(), free_port());
     let mem_edge = start_edge(&redis, &control_plane, mem_port, mem_admin);
-    wait_http(&format!("http://127.0.0.1:{mem_admin}/healthz")).await;
+    until_http_status(
+        &format!("http://127.0.0.1:{mem_admin}/healthz"),
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
     let rss_empty = rss_kib(mem_edge.pid());
     let fetchers: Vec<_> = (0..64)
         .map(|w| {

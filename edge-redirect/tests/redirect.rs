@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use keygen::testing::InProcessKeygen;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
-use shortener_common::testing::{TestPostgres, TestRedis, eventually, free_port};
+use shortener_common::testing::{
+    TestPostgres, TestRedis, eventually, free_port, until_http_status,
+};
 
 const ADMIN_KEY: &str = "edge-test-admin-key-0123456789";
 
@@ -70,20 +72,10 @@ impl Stack {
             api: Client::new(),
             _keygen: keygen,
         };
-        let url = format!("{}/healthz", stack.control_plane);
-        eventually(
+        until_http_status(
+            &format!("{}/healthz", stack.control_plane),
+            200,
             Duration::from_secs(30),
-            "the control plane to start",
-            || {
-                let url = url.clone();
-                async move {
-                    reqwest::get(&url)
-                        .await
-                        .ok()
-                        .filter(|r| r.status() == 200)
-                        .map(drop)
-                }
-            },
         )
         .await;
         // The edge subscribes to invalidations shortly after start.

@@ -13,7 +13,9 @@ use keygen::proto::GenerateKeysRequest;
 use keygen::proto::keygen_client::KeygenClient;
 use keygen::service::{Clock, SystemClock};
 use serde_json::Value;
-use shortener_common::testing::{ManagedProcess, TestRedis, eventually, free_port, unique_name};
+use shortener_common::testing::{
+    ManagedProcess, TestRedis, eventually, free_port, unique_name, until_http_status,
+};
 
 const SECRET: &str = "integration-test-secret-0123456789";
 
@@ -52,15 +54,7 @@ impl KeygenProcess {
     }
 
     async fn wait_ready(&self) {
-        let url = self.url("/readyz");
-        eventually(Duration::from_secs(20), "keygen to be ready", || {
-            let url = url.clone();
-            async move {
-                let response = reqwest::get(&url).await.ok()?;
-                (response.status() == 200).then_some(())
-            }
-        })
-        .await;
+        until_http_status(&self.url("/readyz"), 200, Duration::from_secs(20)).await;
     }
 
     async fn grpc(&self) -> KeygenClient<tonic::transport::Channel> {
