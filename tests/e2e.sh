@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end: the whole stack as `make up` runs it (release binaries,
-# PostgreSQL, Redis, the nginx gateway), on free ports with its state in a
+# PostgreSQL, Redis, ClickHouse, the nginx gateway), on free ports with its state in a
 # temp dir, driven only through the public gateway. Stopped by pid at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 STACK_DIR="$(mktemp -d)"
 chmod 755 "$STACK_DIR"
 export STACK_DIR
-for var in GATEWAY_PORT EDGE_PORT EDGE_ADMIN_PORT CONTROL_PLANE_PORT KEYGEN_PORT KEYGEN_GRPC_PORT ANALYTICS_PORT STACK_PG_PORT STACK_REDIS_PORT; do
+for var in GATEWAY_PORT EDGE_PORT EDGE_ADMIN_PORT CONTROL_PLANE_PORT KEYGEN_PORT KEYGEN_GRPC_PORT ANALYTICS_PORT STACK_PG_PORT STACK_REDIS_PORT STACK_CLICKHOUSE_PORT STACK_CLICKHOUSE_TCP_PORT; do
     export "$var=$(free_port)"
 done
 unset ADMIN_API_KEY
@@ -58,6 +58,30 @@ check "redirect through the gateway" "302 https://example.com/e2e?q=1" \
     "$(curl -s -o /dev/null -w '%{http_code} %{redirect_url}' "$GW/$code")"
 check "HEAD through the gateway" "302" "$(curl -s -o /dev/null -I -w '%{http_code}' "$GW/$code")"
 
+# Analytics through the gateway: ten more redirects as a browser, from a
+# visitor in Great Britain, and the report counts all eleven GETs (a HEAD is
+# not a click) within 5 s.
+for _ in $(seq 1 10); do
+    curl -s -o /dev/null "$GW/$code" -H 'X-Forwarded-For: 81.2.69.142' \
+        -H 'User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0' \
+        -H 'Referer: https://news.example.com/story'
+done
+clicks=""
+for _ in $(seq 1 50); do
+    report="$(curl -s "$GW/analytics/$code" -H "Authorization: Bearer $KEY")"
+    clicks="$(json "['clicks']" <<<"$report" 2>/dev/null || true)"
+    [[ "$clicks" == 11 ]] && break
+    sleep 0.1
+done
+check "analytics count every redirect" "11" "$clicks"
+check "analytics breakdowns" "Firefox=10 GB=10 news.example.com=10" \
+    "$(python3 -c 'import json,sys; r=json.load(sys.stdin); d=lambda k: {v["value"]: v["clicks"] for v in r[k]}; print("Firefox=%s GB=%s news.example.com=%s" % (d("browsers").get("Firefox"), d("countries").get("GB"), d("referrers").get("news.example.com")))' <<<"$report")"
+check "analytics need a key" "401" "$(curl -s -o /dev/null -w '%{http_code}' "$GW/analytics/$code")"
+check "analytics of an unknown link" "404 link_not_found" \
+    "$(status_and_code "$GW/analytics/NoSuchCode42" -H "Authorization: Bearer $KEY")"
+check "the same clicks in ClickHouse by SQL" "11" \
+    "$(curl -s "http://127.0.0.1:$STACK_CLICKHOUSE_PORT/" --data-binary "SELECT count() FROM shortener.clicks WHERE code = '$code'")"
+
 # A change reaches the edge behind the gateway.
 curl -s -o /dev/null -X PATCH "$GW/links/$code" -H "Authorization: Bearer $KEY" \
     -H 'Content-Type: application/json' -d '{"disabled":true}'
@@ -97,6 +121,15 @@ for script in k6/redirect.js k6/shorten.js; do
         failures=$((failures + 1))
     fi
 done
+
+# A real Prometheus scrapes every service's /metrics and loads the alert rules.
+if tests/prometheus-scrape.sh >"$STACK_DIR/scrape.log" 2>&1; then
+    echo "ok: prometheus scrapes every service"
+else
+    cat "$STACK_DIR/scrape.log"
+    echo "FAIL: prometheus scrape"
+    failures=$((failures + 1))
+fi
 
 if ((failures > 0)); then
     echo "e2e: $failures check(s) failed"

@@ -1,42 +1,207 @@
-//! analytics-sink: reads click events from the Redis stream, enriches and
-//! batches them into ClickHouse, and serves `GET /analytics/{code}`.
+//! analytics-sink: reads click events from the Redis stream with a consumer
+//! group, enriches and batches them into ClickHouse ([`consumer`]), and
+//! serves `GET /analytics/{code}` ([`api`], [`report`]).
 //!
-//! Built so far: configuration and the operations routes (`/healthz`,
-//! `/readyz` checking Redis, `/metrics`) on `ANALYTICS_ADDR`. The consumer,
-//! the ClickHouse schema and the API arrive with their issue.
+//! Owns: the ClickHouse schema (`migrations/clickhouse/`, [`store`]), the
+//! click stream's consumer group and dead-letter stream. Must not: write
+//! links or keys, or count an event twice.
 
-use std::net::SocketAddr;
+pub mod api;
+pub mod config;
+pub mod consumer;
+pub mod enrich;
+pub mod report;
+pub mod store;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use shortener_common::telemetry::LogFormat;
-use shortener_common::{ConfigError, Env, Secret};
+use anyhow::Context;
+pub use config::Config;
+use shortener_common::redis_conn::LazyRedis;
+use tokio::net::TcpListener;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// `ANALYTICS_ADDR`, default `127.0.0.1:8084`.
-    pub addr: SocketAddr,
-    /// `REDIS_URL`, default `redis://127.0.0.1:6379`.
-    pub redis_url: Secret,
-    /// `SHUTDOWN_DRAIN_MS`, default 10000.
-    pub drain: Duration,
-    /// `LOG_FORMAT`, `text` (default) or `json`.
-    pub log_format: LogFormat,
+/// The store for `config`, with row validation set for its server.
+pub async fn connect_store(config: &Config) -> anyhow::Result<store::Store> {
+    let mut store = store::Store::new(
+        &config.clickhouse_url,
+        &config.clickhouse_database,
+        &config.clickhouse_user,
+        config.clickhouse_password.as_ref().map(|p| p.expose()),
+    );
+    let version = store
+        .detect()
+        .await
+        .with_context(|| format!("cannot reach ClickHouse at {}", config.clickhouse_url))?;
+    tracing::info!(%version, "connected to ClickHouse");
+    Ok(store)
 }
 
-impl Config {
-    pub fn from_env(mut env: Env) -> Result<Self, ConfigError> {
-        let addr = env.parse_or("ANALYTICS_ADDR", ([127, 0, 0, 1], 8084).into());
-        let redis_url = env
-            .secret_opt("REDIS_URL")
-            .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
-        let drain_ms: u64 = env.parse_or("SHUTDOWN_DRAIN_MS", 10_000);
-        let log_format = env.parse_or("LOG_FORMAT", LogFormat::Text);
-        env.finish()?;
+/// Applies the ClickHouse migrations (`analytics-sink migrate`).
+pub async fn migrate(config: &Config) -> anyhow::Result<Vec<u32>> {
+    let store = connect_store(config).await?;
+    let applied = store
+        .migrate()
+        .await
+        .context("ClickHouse migration failed")?;
+    Ok(applied)
+}
+
+/// A sink with its listener bound, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    api: Arc<api::Api>,
+    config: Config,
+    enricher: Option<enrich::Enricher>,
+}
+
+impl Application {
+    /// Binds the listener and opens the country database. ClickHouse may be
+    /// down: the store is reached lazily, and the pipeline retries.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        shortener_common::telemetry::metrics_handle();
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on ANALYTICS_ADDR={}", config.addr))?;
+        let mut store = store::Store::new(
+            &config.clickhouse_url,
+            &config.clickhouse_database,
+            &config.clickhouse_user,
+            config.clickhouse_password.as_ref().map(|p| p.expose()),
+        );
+        match store.detect().await {
+            Ok(version) => tracing::info!(%version, "connected to ClickHouse"),
+            Err(error) => {
+                tracing::warn!(%error, "ClickHouse is unreachable at start-up; row validation stays off")
+            }
+        }
+        let geo = match &config.geoip_db {
+            Some(path) => Some(Arc::new(enrich::Geo::open(path).with_context(|| {
+                format!("GEOIP_DB={} is not a MaxMind database", path.display())
+            })?)),
+            None => None,
+        };
+        let enricher = enrich::Enricher::new(
+            geo,
+            config.visitor_secret.expose().as_bytes(),
+            config.store_raw_ip,
+        );
+        let redis = LazyRedis::new(config.redis_url.expose())
+            .context("REDIS_URL is not a valid Redis URL")?;
+        let api = Arc::new(api::Api::new(
+            store,
+            redis,
+            config.control_plane_url.clone(),
+        ));
         Ok(Self {
-            addr,
-            redis_url,
-            drain: Duration::from_millis(drain_ms),
-            log_format,
+            listener,
+            api,
+            config,
+            enricher: Some(enricher),
         })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().expect("bound").port()
+    }
+
+    /// Consumes and serves until `shutdown`, then drains: requests in flight
+    /// finish, and the batch in hand is stored if ClickHouse allows within
+    /// the drain period (otherwise its entries stay pending for the next
+    /// run).
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let settings = consumer::Settings {
+            stream: self.config.stream.clone(),
+            dead_letter_stream: self.config.dead_letter_stream.clone(),
+            group: self.config.group.clone(),
+            consumer: self.config.consumer.clone(),
+            batch_size: self.config.batch_size,
+            batch_age: self.config.batch_age,
+            claim_idle: self.config.claim_idle,
+        };
+        let pipeline = consumer::start(
+            self.config.redis_url.expose(),
+            self.api.store.clone(),
+            self.enricher.take().expect("built with an enricher"),
+            settings,
+            stop_rx.clone(),
+        )?;
+        let lag = tokio::spawn(report_lag(
+            self.config.redis_url.expose().to_owned(),
+            self.config.stream.clone(),
+            self.config.group.clone(),
+            stop_rx.clone(),
+        ));
+        let api = self.api.clone();
+        let mut http_stop = stop_rx;
+        let http = tokio::spawn(shortener_common::http::serve(
+            self.listener,
+            move |request| api.clone().handle(request),
+            async move {
+                let _ = http_stop.changed().await;
+            },
+            self.config.drain,
+        ));
+        shutdown.await;
+        tracing::info!("shutting down: finishing the batch in hand");
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(self.config.drain, pipeline)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the batch in hand was not stored in time; its events stay pending");
+        }
+        let _ = http.await;
+        lag.abort();
+        Ok(())
+    }
+}
+
+/// Publishes the consumer group's lag and pending count every few seconds.
+async fn report_lag(
+    redis_url: String,
+    stream: String,
+    group: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(redis) = LazyRedis::new(&redis_url) else {
+        return;
+    };
+    let lag_gauge = metrics::gauge!("analytics_sink_lag_events");
+    let pending_gauge = metrics::gauge!("analytics_sink_pending_events");
+    loop {
+        let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
+            redis
+                .run(redis::cmd("XINFO").arg("GROUPS").arg(&stream))
+                .await;
+        if let Ok(groups) = groups {
+            for g in groups {
+                let name: Option<String> = g
+                    .get("name")
+                    .and_then(|v| redis::from_redis_value_ref(v).ok());
+                if name.as_deref() != Some(group.as_str()) {
+                    continue;
+                }
+                let number = |key: &str| -> Option<f64> {
+                    g.get(key)
+                        .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+                        .map(|n| n as f64)
+                };
+                if let Some(lag) = number("lag") {
+                    lag_gauge.set(lag);
+                }
+                if let Some(pending) = number("pending") {
+                    pending_gauge.set(pending);
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }

@@ -19,4 +19,4 @@ pub mod testing;
 
 pub use config::{ConfigError, Env, Secret};
 pub use error::ErrorBody;
-pub use event::ClickEvent;
+pub use event::{ClickEvent, EventDecodeError};

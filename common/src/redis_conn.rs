@@ -6,13 +6,25 @@ use std::time::Duration;
 pub struct LazyRedis {
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    response_timeout: Duration,
 }
 
 impl LazyRedis {
+    /// Connects within 500 ms; answers must come within 1 s.
     pub fn new(url: &str) -> redis::RedisResult<Self> {
+        Self::with_response_timeout(url, Duration::from_secs(1))
+    }
+
+    /// For callers whose commands may block on the server (`XREADGROUP
+    /// BLOCK`, big scripts): answers must come within `response_timeout`.
+    pub fn with_response_timeout(
+        url: &str,
+        response_timeout: Duration,
+    ) -> redis::RedisResult<Self> {
         Ok(Self {
             client: redis::Client::open(url)?,
             conn: tokio::sync::Mutex::new(None),
+            response_timeout,
         })
     }
 
@@ -20,26 +32,25 @@ impl LazyRedis {
         &self.client
     }
 
-    /// Runs one command, connecting first if needed (500 ms to connect,
-    /// 1 s for the answer).
-    pub async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let mut conn = {
-            let mut slot = self.conn.lock().await;
-            match slot.as_ref() {
-                Some(conn) => conn.clone(),
-                None => {
-                    let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(Duration::from_millis(500)))
-                        .set_response_timeout(Some(Duration::from_secs(1)));
-                    let conn = self
-                        .client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?;
-                    slot.insert(conn).clone()
-                }
-            }
-        };
-        let result = cmd.query_async(&mut conn).await;
+    /// The shared connection, connecting first if needed.
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(self.response_timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(slot.insert(conn).clone())
+    }
+
+    /// Forgets the connection after an error that means it is broken, so
+    /// the next call connects again.
+    pub async fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if result.as_ref().is_err_and(|e| {
             e.is_io_error()
                 || e.is_timeout()
@@ -49,5 +60,32 @@ impl LazyRedis {
             *self.conn.lock().await = None;
         }
         result
+    }
+
+    /// Runs one command.
+    pub async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = self.connection().await?;
+        let result = cmd.query_async(&mut conn).await;
+        self.check(result).await
+    }
+
+    /// Runs a pipeline.
+    pub async fn pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        let mut conn = self.connection().await?;
+        let result = pipe.query_async(&mut conn).await;
+        self.check(result).await
+    }
+
+    /// Runs a script (`EVALSHA`, loading it first if Redis lacks it).
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        let mut conn = self.connection().await?;
+        let result = invocation.invoke_async(&mut conn).await;
+        self.check(result).await
     }
 }

@@ -1,5 +1,6 @@
-//! The real-service test harness: throw-away PostgreSQL and Redis processes on
-//! free loopback ports, with their data in temporary directories.
+//! The real-service test harness: throw-away PostgreSQL, Redis and ClickHouse
+//! processes on free loopback ports, with their data in temporary
+//! directories.
 //!
 //! Lifetimes:
 //! - `shared()` instances live as long as the test process. They are started
@@ -10,7 +11,7 @@
 //!   value is dropped (also while a failing test unwinds). Use them for tests
 //!   that stop or restart the server.
 //!
-//! `TEST_DATABASE_URL` and `TEST_REDIS_URL` replace the shared instances with
+//! `TEST_DATABASE_URL`, `TEST_REDIS_URL` and `TEST_CLICKHOUSE_URL` replace the shared instances with
 //! existing servers (for example the compose stack). Each test still gets its
 //! own database (`TestPostgres::create_database`) or key prefix
 //! (`unique_name`), so tests run in parallel either way.
@@ -283,6 +284,18 @@ impl TestRedis {
             },
             _ => Self::start(),
         })
+    }
+
+    /// A handle to a Redis that something else runs (never stopped by
+    /// this handle).
+    pub fn external(url: &str) -> Self {
+        Self {
+            port: 0,
+            dir: PathBuf::new(),
+            _tmp: None,
+            process: None,
+            external_url: Some(url.to_owned()),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -593,4 +606,209 @@ impl Drop for TestPostgres {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A throw-away ClickHouse server (Debian's 18.16 here; any release works)
+/// with its data in a temp dir, HTTP and native ports on free loopback
+/// ports.
+pub struct TestClickHouse {
+    http_port: u16,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    process: Option<ManagedProcess>,
+    external_url: Option<String>,
+}
+
+impl TestClickHouse {
+    /// A server of this test's own, stopped when the value drops.
+    pub fn start() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("test-clickhouse-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = tmp.path().to_owned();
+        let http_port = free_port();
+        let config = format!(
+            r#"<yandex>
+  <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog><console>0</console></logger>
+  <http_port>{http_port}</http_port>
+  <tcp_port>{tcp_port}</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <format_schema_path>{d}/format_schemas/</format_schema_path>
+  <users_config>users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>268435456</mark_cache_size>
+  <max_concurrent_queries>200</max_concurrent_queries>
+</yandex>
+"#,
+            d = dir.display(),
+            tcp_port = free_port(),
+        );
+        let users = r#"<yandex>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"#;
+        std::fs::write(dir.join("config.xml"), config).expect("write clickhouse config");
+        std::fs::write(dir.join("users.xml"), users).expect("write clickhouse users");
+        let mut ch = Self {
+            http_port,
+            dir,
+            _tmp: Some(tmp),
+            process: None,
+            external_url: None,
+        };
+        ch.run();
+        ch
+    }
+
+    /// The process-wide server, or `TEST_CLICKHOUSE_URL`. Share it only with
+    /// databases named by [`unique_name`].
+    pub fn shared() -> &'static TestClickHouse {
+        static SHARED: OnceLock<TestClickHouse> = OnceLock::new();
+        SHARED.get_or_init(|| match std::env::var("TEST_CLICKHOUSE_URL") {
+            Ok(url) if !url.is_empty() => Self::external(&url),
+            _ => Self::start(),
+        })
+    }
+
+    /// A handle to a ClickHouse that something else runs (never stopped by
+    /// this handle).
+    pub fn external(url: &str) -> Self {
+        Self {
+            http_port: 0,
+            dir: PathBuf::new(),
+            _tmp: None,
+            process: None,
+            external_url: Some(url.trim_end_matches('/').to_owned()),
+        }
+    }
+
+    /// The HTTP interface's URL.
+    pub fn url(&self) -> String {
+        match &self.external_url {
+            Some(url) => url.clone(),
+            None => format!("http://127.0.0.1:{}", self.http_port),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ManagedProcess::pid)
+    }
+
+    fn run(&mut self) {
+        let mut command = Command::new(clickhouse_server_binary());
+        command
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.join("stderr.log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            );
+        self.process = Some(ManagedProcess::spawn(
+            "clickhouse-server",
+            command,
+            libc::SIGKILL,
+        ));
+        let port = self.http_port;
+        wait_for(START_TIMEOUT, "clickhouse-server to answer /ping", || {
+            tcp_answers(port, b"GET /ping HTTP/1.0\r\n\r\n", b"HTTP/1.0 200")
+                || tcp_answers(port, b"GET /ping HTTP/1.0\r\n\r\n", b"HTTP/1.1 200")
+        });
+    }
+
+    /// Runs one SQL statement over HTTP and returns the body (TSV for
+    /// selects); panics with ClickHouse's message on an error.
+    pub fn query(&self, sql: &str) -> String {
+        match self.try_query(sql) {
+            Ok(body) => body,
+            Err(message) => panic!("ClickHouse refused {sql:?}: {message}"),
+        }
+    }
+
+    /// Runs one SQL statement; `Err` carries ClickHouse's message.
+    pub fn try_query(&self, sql: &str) -> Result<String, String> {
+        let url = self.url();
+        let authority = url
+            .strip_prefix("http://")
+            .and_then(|r| r.split('/').next())
+            .expect("an http:// URL");
+        let mut stream = TcpStream::connect(authority).map_err(|e| e.to_string())?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let request = format!(
+            "POST / HTTP/1.0\r\nHost: {authority}\r\nContent-Length: {}\r\n\r\n{sql}",
+            sql.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
+            Ok(body.to_owned())
+        } else {
+            Err(body.trim().to_owned())
+        }
+    }
+
+    /// Stops the server (SIGTERM, escalating to SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        assert!(
+            self.external_url.is_none(),
+            "cannot stop an external ClickHouse"
+        );
+        if let Some(mut process) = self.process.take() {
+            process.stop_with(libc::SIGTERM);
+        }
+    }
+
+    /// Starts a stopped server again on the same ports and data.
+    pub fn start_again(&mut self) {
+        assert!(self.process.is_none(), "clickhouse is still running");
+        self.run();
+    }
+}
+
+fn clickhouse_server_binary() -> PathBuf {
+    for candidate in ["/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server"] {
+        if std::path::Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    PathBuf::from("clickhouse-server")
+}
+
+/// The country database the analytics tests use (ip-location-db's
+/// geo-whois-asn-country, fetched from npm once per checkout by
+/// `scripts/fetch-geoip.sh` into `target/test-data/geoip/`).
+pub fn geoip_db() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("common/ sits in the workspace")
+            .to_owned();
+        let dir = root.join("target/test-data/geoip");
+        let status = Command::new(root.join("scripts/fetch-geoip.sh"))
+            .arg(&dir)
+            .status()
+            .expect("run scripts/fetch-geoip.sh");
+        assert!(status.success(), "scripts/fetch-geoip.sh failed: {status}");
+        dir.join("geo-whois-asn-country.mmdb")
+    })
+    .clone()
 }

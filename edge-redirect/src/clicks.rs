@@ -1,16 +1,44 @@
-//! The click-event queue. The hot path hands each click over with
-//! `try_send` and never waits: a full queue drops the click and counts the
-//! drop. What crosses the queue is a `RawClick` that borrows the request's
-//! header bytes (reference-counted, no copy); the consumer task turns it into
-//! the shared [`ClickEvent`] off the hot path. Shipping events to the Redis
-//! stream comes with the analytics pipeline; until then the consumer only
-//! counts them.
+//! Click events, from the hot path to the Redis stream.
+//!
+//! The hot path hands each click to [`ClickQueue::push`], which never waits:
+//! one atomic add and an unbounded channel send. What crosses the channel is
+//! a [`RawClick`] that shares the request's header bytes (no copy). The
+//! shipper task, off the hot path, encodes clicks compactly, keeps at most
+//! `capacity` of them, and ships them in batches to the stream.
+//!
+//! Delivery to the stream is exactly once per accepted click, as long as the
+//! edge is not killed and the queue does not overflow:
+//! - A batch is written by one Lua script that first sets a marker key for the
+//!   batch (`SET NX`) and then `XADD`s every event, atomically. A batch whose
+//!   outcome is unknown (a timeout, a dropped connection) is retried with the
+//!   same marker, so it can never land twice.
+//! - While Redis is unreachable the shipper keeps clicks and retries with
+//!   backoff. Beyond `capacity` it drops the oldest clicks that are not in
+//!   the batch being retried, and counts each drop in
+//!   `edge_click_events_dropped_total`.
+//! - On shutdown the shipper flushes what it holds (for up to the drain
+//!   period) before the process exits.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use http::HeaderValue;
 use shortener_common::ClickEvent;
-use tokio::sync::mpsc;
+use shortener_common::event::STREAM_FIELDS;
+use shortener_common::redis_conn::LazyRedis;
+use tokio::sync::{mpsc, watch};
+
+/// Most clicks written by one script call: bounds how long Redis is busy
+/// with one batch (a few milliseconds).
+const MAX_BATCH: usize = 2_000;
+/// How long a batch marker lives: longer than any retry of that batch.
+const MARKER_TTL_SECS: u64 = 3_600;
+/// Backoff between retries while Redis is unreachable.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 pub struct RawClick {
     pub event_id: u128,
@@ -35,38 +63,273 @@ impl RawClick {
             accept_language: text(self.accept_language),
         }
     }
+
+    /// The click's stream field values in one allocation (about 250 bytes
+    /// for a browser click), so a long backlog stays small in memory.
+    fn encode(self) -> Encoded {
+        let fields = self.into_event().to_stream_fields();
+        let total: usize = fields.iter().map(|(_, v)| v.len()).sum();
+        let mut bytes = Vec::with_capacity(total);
+        let mut ends = [0u16; 7];
+        for (i, (_, value)) in fields.iter().enumerate() {
+            // Header values are bounded by EDGE_MAX_HEADER_BYTES (< 64 KiB);
+            // cut defensively rather than wrap.
+            let room = (u16::MAX as usize).saturating_sub(bytes.len());
+            bytes.extend_from_slice(&value.as_bytes()[..value.len().min(room)]);
+            ends[i] = bytes.len() as u16;
+        }
+        Encoded {
+            bytes: bytes.into_boxed_slice(),
+            ends,
+        }
+    }
+}
+
+/// One click's stream field values, back to back.
+struct Encoded {
+    bytes: Box<[u8]>,
+    ends: [u16; 7],
+}
+
+impl Encoded {
+    fn values(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&end| {
+            let value = &self.bytes[start..end as usize];
+            start = end as usize;
+            value
+        })
+    }
+}
+
+/// Where and how clicks are shipped.
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    /// Redis stream key (`CLICK_STREAM`).
+    pub stream: String,
+    /// `MAXLEN ~` of the stream (`CLICK_STREAM_MAXLEN`).
+    pub max_len: u64,
+    /// Clicks held in memory at most (`EDGE_CLICK_QUEUE`).
+    pub capacity: usize,
 }
 
 #[derive(Clone)]
 pub struct ClickQueue {
-    tx: mpsc::Sender<RawClick>,
+    tx: mpsc::UnboundedSender<RawClick>,
+    /// Clicks pushed and not yet shipped or dropped (channel and shipper).
+    depth: Arc<AtomicUsize>,
     accepted: metrics::Counter,
     dropped: metrics::Counter,
 }
 
+/// The running shipper: tell it to stop, then await it to let it flush.
+pub struct Shipper {
+    stop: watch::Sender<Option<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Shipper {
+    /// Ships what is still held, for up to `flush` while Redis refuses, then
+    /// returns.
+    pub async fn flush_and_stop(self, flush: Duration) {
+        let _ = self.stop.send(Some(flush));
+        let _ = self.task.await;
+    }
+}
+
 impl ClickQueue {
-    /// A queue of `capacity` clicks and the task that drains it.
-    pub fn start(capacity: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<RawClick>(capacity);
-        let consumed = metrics::counter!("edge_click_events_consumed_total");
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(1024);
-            while rx.recv_many(&mut batch, 1024).await > 0 {
-                let events: Vec<ClickEvent> = batch.drain(..).map(RawClick::into_event).collect();
-                consumed.increment(events.len() as u64);
-            }
-        });
-        Self {
-            tx,
-            accepted: metrics::counter!("edge_click_events_total"),
-            dropped: metrics::counter!("edge_click_events_dropped_total"),
-        }
+    /// A queue and its shipper task. With `redis` absent, clicks are only
+    /// counted (click events switched off).
+    pub fn start(redis: Option<LazyRedis>, config: ShipperConfig) -> (Self, Shipper) {
+        let (tx, rx) = mpsc::unbounded_channel::<RawClick>();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let dropped = metrics::counter!("edge_click_events_dropped_total");
+        let shipping = Shipping {
+            rx,
+            redis: redis.map(Arc::new),
+            config,
+            depth: depth.clone(),
+            dropped: dropped.clone(),
+            pending: VecDeque::new(),
+            stop: stop_rx,
+        };
+        let task = tokio::spawn(shipping.run());
+        (
+            Self {
+                tx,
+                depth,
+                accepted: metrics::counter!("edge_click_events_total"),
+                dropped,
+            },
+            Shipper {
+                stop: stop_tx,
+                task,
+            },
+        )
     }
 
     pub fn push(&self, click: RawClick) {
         self.accepted.increment(1);
-        if self.tx.try_send(click).is_err() {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(click).is_err() {
+            // The shipper has stopped (shutdown): nothing will ship it.
+            self.depth.fetch_sub(1, Ordering::Relaxed);
             self.dropped.increment(1);
+        }
+    }
+
+    /// Clicks accepted and not yet shipped.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+struct Shipping {
+    rx: mpsc::UnboundedReceiver<RawClick>,
+    redis: Option<Arc<LazyRedis>>,
+    config: ShipperConfig,
+    depth: Arc<AtomicUsize>,
+    dropped: metrics::Counter,
+    /// Encoded clicks, oldest first, not yet in a batch.
+    pending: VecDeque<Encoded>,
+    stop: watch::Receiver<Option<Duration>>,
+}
+
+/// The batch script. KEYS: stream, marker. ARGV: max length, marker TTL,
+/// then seven values per click in `STREAM_FIELDS` order.
+fn script() -> redis::Script {
+    let pairs: Vec<String> = STREAM_FIELDS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| format!("'{name}', ARGV[i + {i}]"))
+        .collect();
+    redis::Script::new(&format!(
+        r"
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+for i = 3, #ARGV, {n} do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', {pairs})
+end
+return (#ARGV - 2) / {n}
+",
+        n = STREAM_FIELDS.len(),
+        pairs = pairs.join(", ")
+    ))
+}
+
+impl Shipping {
+    async fn run(mut self) {
+        let shipped = metrics::counter!("edge_click_events_shipped_total");
+        let errors = metrics::counter!("edge_click_ship_errors_total");
+        let depth_gauge = metrics::gauge!("edge_click_queue_depth");
+        let script = script();
+        let mut raw = Vec::with_capacity(MAX_BATCH);
+        let mut flush_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            // Wait for clicks, unless some are already held.
+            if self.pending.is_empty() {
+                tokio::select! {
+                    n = self.rx.recv_many(&mut raw, MAX_BATCH) => {
+                        if n == 0 { return; }
+                    }
+                    _ = self.stop.changed(), if flush_deadline.is_none() => {
+                        let flush = (*self.stop.borrow()).unwrap_or_default();
+                        flush_deadline = Some(tokio::time::Instant::now() + flush);
+                        self.rx.close();
+                    }
+                }
+            }
+            self.take_arrived(&mut raw);
+            depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
+            if self.pending.is_empty() {
+                if flush_deadline.is_some() && self.rx.is_empty() {
+                    return;
+                }
+                continue;
+            }
+            let Some(redis) = self.redis.clone() else {
+                // Events off: counted as accepted, nothing to ship.
+                let n = self.pending.len();
+                self.pending.clear();
+                self.depth.fetch_sub(n, Ordering::Relaxed);
+                continue;
+            };
+
+            let n = self.pending.len().min(MAX_BATCH);
+            let batch: Vec<Encoded> = self.pending.drain(..n).collect();
+            let marker = format!(
+                "{{{}}}:batch:{:032x}",
+                self.config.stream,
+                rand::random::<u128>()
+            );
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(&self.config.stream)
+                .key(&marker)
+                .arg(self.config.max_len)
+                .arg(MARKER_TTL_SECS);
+            for event in &batch {
+                for value in event.values() {
+                    invocation.arg(value);
+                }
+            }
+            let mut backoff = RETRY_MIN;
+            loop {
+                match redis.invoke::<i64>(&invocation).await {
+                    Ok(_) => {
+                        shipped.increment(batch.len() as u64);
+                        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+                        break;
+                    }
+                    Err(error) => {
+                        errors.increment(1);
+                        tracing::warn!(%error, clicks = batch.len(), "cannot ship click events; retrying");
+                        if flush_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                            let lost = batch.len() + self.pending.len() + self.rx.len();
+                            tracing::error!(
+                                lost,
+                                "shutting down with click events that could not be shipped"
+                            );
+                            self.dropped.increment(lost as u64);
+                            return;
+                        }
+                        // Keep taking clicks while waiting, so the hot path's
+                        // channel stays short and the cap is enforced.
+                        let wait = tokio::time::sleep(backoff);
+                        tokio::pin!(wait);
+                        loop {
+                            tokio::select! {
+                                () = &mut wait => break,
+                                n = self.rx.recv_many(&mut raw, MAX_BATCH) => {
+                                    if n == 0 { (&mut wait).await; break; }
+                                    self.take_arrived(&mut raw);
+                                    depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
+                                }
+                                _ = self.stop.changed(), if flush_deadline.is_none() => {
+                                    let flush = (*self.stop.borrow()).unwrap_or_default();
+                                    flush_deadline = Some(tokio::time::Instant::now() + flush);
+                                    self.rx.close();
+                                }
+                            }
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes the clicks in `raw` into `pending`, dropping the oldest held
+    /// clicks beyond the capacity.
+    fn take_arrived(&mut self, raw: &mut Vec<RawClick>) {
+        self.pending.extend(raw.drain(..).map(RawClick::encode));
+        let excess = self.pending.len().saturating_sub(self.config.capacity);
+        if excess > 0 {
+            self.pending.drain(..excess);
+            self.depth.fetch_sub(excess, Ordering::Relaxed);
+            self.dropped.increment(excess as u64);
         }
     }
 }
@@ -92,5 +355,25 @@ mod tests {
         assert_eq!(event.referer, None);
         // Headers that are not text are left out rather than mangled.
         assert_eq!(event.accept_language, None);
+    }
+
+    #[test]
+    fn the_compact_encoding_holds_the_stream_fields() {
+        let click = || RawClick {
+            event_id: 0xabc,
+            code: "xyz".into(),
+            ts_ms: 1_767_225_600_000,
+            ip: "2001:db8::7".parse().unwrap(),
+            user_agent: Some(HeaderValue::from_static("curl/8")),
+            referer: Some(HeaderValue::from_static("https://news.example/")),
+            accept_language: None,
+        };
+        let expected = click().into_event().to_stream_fields();
+        let encoded = click().encode();
+        let values: Vec<&[u8]> = encoded.values().collect();
+        assert_eq!(values.len(), 7);
+        for ((_, want), got) in expected.iter().zip(values) {
+            assert_eq!(want.as_bytes(), got);
+        }
     }
 }

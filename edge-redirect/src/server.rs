@@ -153,15 +153,19 @@ impl Edge {
                     return respond(StatusCode::GONE, &JSON, GONE, head);
                 }
                 let headers = request.headers();
-                self.clicks.push(RawClick {
-                    event_id: rand::random(),
-                    code: code.into(),
-                    ts_ms: now_unix_ms(),
-                    ip: visitor_ip(peer, headers.get("x-forwarded-for"), &self.trusted_proxies),
-                    user_agent: headers.get(header::USER_AGENT).cloned(),
-                    referer: headers.get(header::REFERER).cloned(),
-                    accept_language: headers.get(header::ACCEPT_LANGUAGE).cloned(),
-                });
+                // A HEAD is answered like a GET but is not a click: link
+                // checkers and preview fetchers use it, visitors never do.
+                if !head {
+                    self.clicks.push(RawClick {
+                        event_id: rand::random(),
+                        code: code.into(),
+                        ts_ms: now_unix_ms(),
+                        ip: visitor_ip(peer, headers.get("x-forwarded-for"), &self.trusted_proxies),
+                        user_agent: headers.get(header::USER_AGENT).cloned(),
+                        referer: headers.get(header::REFERER).cloned(),
+                        accept_language: headers.get(header::ACCEPT_LANGUAGE).cloned(),
+                    });
+                }
                 let mut response = respond(status, &TEXT, REDIRECT_BODY, head);
                 let headers = response.headers_mut();
                 headers.insert(header::LOCATION, location);

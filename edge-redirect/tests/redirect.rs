@@ -22,10 +22,18 @@ struct Stack {
     edge: Client,
     api: Client,
     _keygen: InProcessKeygen,
+    /// Sends the edge the signal to drain and stop (as SIGTERM would).
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    edge_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Stack {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A stack whose edge gets `extra` environment on top of the defaults.
+    async fn start_with(extra: &[(&str, &str)]) -> Self {
         let redis = TestRedis::start();
         let keygen = InProcessKeygen::start().await;
 
@@ -45,20 +53,25 @@ impl Stack {
         });
         let control_plane = format!("http://127.0.0.1:{cp_port}");
 
-        let edge_config = edge_redirect::Config::from_env(shortener_common::Env::from_pairs([
+        let mut edge_env = vec![
             ("EDGE_HTTP_ADDR", "127.0.0.1:0".to_owned()),
             ("EDGE_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
             ("REDIS_URL", redis.url()),
             ("CONTROL_PLANE_URL", control_plane.clone()),
             ("EDGE_HEADER_TIMEOUT_MS", "500".to_owned()),
             ("EDGE_NEGATIVE_TTL_MS", "60000".to_owned()),
-        ]))
-        .unwrap();
+        ];
+        edge_env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let edge_config =
+            edge_redirect::Config::from_env(shortener_common::Env::from_pairs(edge_env)).unwrap();
         let edge = edge_redirect::Application::build(edge_config)
             .await
             .unwrap();
         let (edge_port, admin_port) = (edge.http_port(), edge.admin_port());
-        tokio::spawn(edge.run_until(std::future::pending()));
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let edge_task = tokio::spawn(edge.run_until(async move {
+            let _ = stop.await;
+        }));
 
         let stack = Self {
             redis,
@@ -71,6 +84,8 @@ impl Stack {
                 .unwrap(),
             api: Client::new(),
             _keygen: keygen,
+            shutdown: Some(shutdown),
+            edge_task: Some(edge_task),
         };
         until_http_status(
             &format!("{}/healthz", stack.control_plane),
@@ -475,4 +490,160 @@ async fn a_client_that_sends_headers_too_slowly_is_cut_off() {
         started.elapsed()
     );
     assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
+}
+
+/// The click events in the stream, as field maps, oldest first.
+fn stream_events(conn: &mut redis::Connection) -> Vec<std::collections::HashMap<String, String>> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("clicks")
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            entry
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+async fn until_stream_len(conn: &mut redis::Connection, len: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{len} click events"),
+        || {
+            let n: usize = redis::cmd("XLEN").arg("clicks").query(conn).unwrap();
+            assert!(n <= len, "{n} click events, expected {len}");
+            async move { (n == len).then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redirect_is_one_click_event_even_across_a_redis_outage() {
+    let mut stack = Stack::start().await;
+    let code = stack
+        .create(json!({"url": "https://example.com/counted"}))
+        .await;
+    let url = format!("http://127.0.0.1:{}/{code}", stack.edge_port);
+    let visit = || {
+        stack
+            .edge
+            .get(&url)
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("user-agent", "Mozilla/5.0 test")
+            .header("referer", "https://news.example.com/a")
+            .header("accept-language", "en-GB")
+            .send()
+    };
+    for _ in 0..5 {
+        assert_eq!(visit().await.unwrap().status(), 302);
+    }
+    // A HEAD is a redirect but not a click.
+    assert_eq!(stack.edge.head(&url).send().await.unwrap().status(), 302);
+    let mut conn = stack.redis_conn();
+    until_stream_len(&mut conn, 5).await;
+    let events = stream_events(&mut conn);
+    let event = &events[0];
+    assert_eq!(event["code"], code);
+    assert_eq!(
+        event["ip"], "203.0.113.9",
+        "X-Forwarded-For from a trusted proxy"
+    );
+    assert_eq!(event["ua"], "Mozilla/5.0 test");
+    assert_eq!(event["ref"], "https://news.example.com/a");
+    assert_eq!(event["lang"], "en-GB");
+    assert_eq!(event["id"].len(), 32);
+
+    // Redis goes away: redirects go on, clicks wait in the edge and arrive
+    // once it is back, each exactly once.
+    stack.redis.stop();
+    for _ in 0..20 {
+        assert_eq!(visit().await.unwrap().status(), 302);
+    }
+    stack.redis.start_again();
+    let mut conn = stack.redis_conn();
+    until_stream_len(&mut conn, 25).await;
+    let ids: std::collections::HashSet<String> = stream_events(&mut conn)
+        .into_iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_click_queue_drops_the_oldest_clicks() {
+    let mut stack = Stack::start_with(&[("EDGE_CLICK_QUEUE", "10")]).await;
+    let code = stack
+        .create(json!({"url": "https://example.com/queue"}))
+        .await;
+    assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
+    let mut conn = stack.redis_conn();
+    until_stream_len(&mut conn, 1).await;
+
+    stack.redis.stop();
+    let url = format!("http://127.0.0.1:{}/{code}", stack.edge_port);
+    for i in 0..30 {
+        let response = stack
+            .edge
+            .get(&url)
+            .header("referer", format!("https://r{i}.example/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 302);
+    }
+    stack.redis.start_again();
+    let mut conn = stack.redis_conn();
+    // The first click was already in the batch being retried when the
+    // queue overflowed; of the rest, the ten newest are kept.
+    until_stream_len(&mut conn, 12).await;
+    let refs: Vec<String> = stream_events(&mut conn)
+        .into_iter()
+        .skip(1)
+        .map(|e| e["ref"].clone())
+        .collect();
+    let expected: Vec<String> = std::iter::once(0)
+        .chain(20..30)
+        .map(|i| format!("https://r{i}.example/"))
+        .collect();
+    assert_eq!(refs, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ships_the_clicks_still_held() {
+    let mut stack = Stack::start_with(&[("SHUTDOWN_DRAIN_MS", "10000")]).await;
+    let code = stack
+        .create(json!({"url": "https://example.com/flush"}))
+        .await;
+    assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
+    stack.redis.stop();
+    for _ in 0..15 {
+        assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
+    }
+    // Asked to stop while Redis is away, the edge keeps trying to ship
+    // until the drain period ends; Redis is back well before that.
+    let _ = stack.shutdown.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let edge_task = stack.edge_task.take().unwrap();
+    assert!(
+        !edge_task.is_finished(),
+        "the edge exited with clicks unshipped"
+    );
+    stack.redis.start_again();
+    tokio::time::timeout(Duration::from_secs(10), edge_task)
+        .await
+        .expect("the edge stops once its clicks are shipped")
+        .unwrap()
+        .unwrap();
+    let mut conn = stack.redis_conn();
+    let n: usize = redis::cmd("XLEN").arg("clicks").query(&mut conn).unwrap();
+    assert_eq!(n, 16);
 }

@@ -1,0 +1,258 @@
+//! The sink's HTTP listener: `GET /analytics/{code}` and the operations
+//! routes (`/healthz`, `/readyz`, `/metrics`).
+//!
+//! Authorization is the control plane's: the caller's `Authorization` header
+//! is passed to `GET /links/{code}` there, which answers 401 for a bad key and
+//! 404 for an unknown link, so both services agree on keys and on what
+//! exists, and the sink keeps no key store of its own.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use shortener_common::http::{Body, error, json};
+use shortener_common::redis_conn::LazyRedis;
+
+use crate::report::{Range, report};
+use crate::store::Store;
+
+pub struct Api {
+    pub store: Store,
+    pub redis: LazyRedis,
+    pub control_plane: String,
+    http: Client<HttpConnector, Empty<Bytes>>,
+}
+
+/// What the control plane said about a caller and a code.
+enum Access {
+    Granted,
+    Denied(Response<Body>),
+}
+
+impl Api {
+    pub fn new(store: Store, redis: LazyRedis, control_plane: String) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_nodelay(true);
+        Self {
+            store,
+            redis,
+            control_plane: control_plane.trim_end_matches('/').to_owned(),
+            http: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let path = request.uri().path().to_owned();
+        let Some(code) = path.strip_prefix("/analytics/") else {
+            let api = self.clone();
+            return shortener_common::ops::respond(
+                request,
+                || async move { api.readiness().await },
+            )
+            .await;
+        };
+        let response = self.analytics(code, &request).await;
+        metrics::histogram!("analytics_sink_http_request_duration_seconds", "route" => "/analytics/{code}", "status" => response.status().as_str().to_owned())
+            .record(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn readiness(&self) -> Result<(), shortener_common::ops::NotReady> {
+        let redis_up = self.redis.run::<String>(&redis::cmd("PING")).await.is_ok();
+        let clickhouse_up = self.store.ping().await;
+        match (redis_up, clickhouse_up) {
+            (true, true) => Ok(()),
+            (r, c) => {
+                let down: Vec<&str> = [(!r).then_some("redis"), (!c).then_some("clickhouse")]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                Err((
+                    "dependency_unavailable",
+                    format!("unreachable: {}", down.join(", ")),
+                ))
+            }
+        }
+    }
+
+    async fn analytics(&self, code: &str, request: &Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "analytics are read with GET",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        let valid_code = (1..=64).contains(&code.len())
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid_code {
+            return error(
+                StatusCode::NOT_FOUND,
+                "link_not_found",
+                "no link has this code",
+            );
+        }
+        let query = request.uri().query().unwrap_or("");
+        let mut from = None;
+        let mut to = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value);
+            match name {
+                "from" if from.is_none() => from = Some(value),
+                "to" if to.is_none() => to = Some(value),
+                "from" | "to" => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_range",
+                        format!("{name} is given more than once"),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let range = match Range::parse(from.as_deref(), to.as_deref()) {
+            Ok(range) => range,
+            Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_range", message),
+        };
+        match self
+            .authorize(code, request.headers().get(header::AUTHORIZATION))
+            .await
+        {
+            Access::Granted => {}
+            Access::Denied(response) => return response,
+        }
+        match report(&self.store, code, range).await {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(e) => {
+                tracing::warn!(code, error = %e, "cannot read analytics");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "analytics_unavailable",
+                    "the analytics store is unavailable; try again shortly",
+                )
+            }
+        }
+    }
+
+    async fn authorize(&self, code: &str, authorization: Option<&HeaderValue>) -> Access {
+        let unauthorized = || {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid API key is required: Authorization: Bearer <key>",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Access::Denied(response)
+        };
+        let Some(authorization) = authorization else {
+            return unauthorized();
+        };
+        let uri: http::Uri = match format!("{}/links/{code}", self.control_plane).parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return Access::Denied(error(
+                    StatusCode::NOT_FOUND,
+                    "link_not_found",
+                    "no link has this code",
+                ));
+            }
+        };
+        let mut ask = Request::new(Empty::new());
+        *ask.uri_mut() = uri;
+        ask.headers_mut()
+            .insert(header::AUTHORIZATION, authorization.clone());
+        let status =
+            match tokio::time::timeout(Duration::from_secs(3), self.http.request(ask)).await {
+                Ok(Ok(response)) => response.status(),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot reach the control plane to check a key");
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+        match status {
+            StatusCode::OK => Access::Granted,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => unauthorized(),
+            StatusCode::NOT_FOUND => Access::Denied(error(
+                StatusCode::NOT_FOUND,
+                "link_not_found",
+                "no link has this code",
+            )),
+            StatusCode::TOO_MANY_REQUESTS => Access::Denied(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests for this API key",
+            )),
+            other => {
+                tracing::warn!(status = %other, "the control plane could not check a key");
+                Access::Denied(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "control_plane_unavailable",
+                    "cannot check the API key right now; try again shortly",
+                ))
+            }
+        }
+    }
+}
+
+/// Decodes `%XX` in a query value. A `+` stays a `+`: timestamps such as
+/// `2026-11-30T13:00:00+01:00` are often sent unencoded, and no valid value
+/// contains a space.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(
+            percent_decode("2026-11-30T13%3A00%3A00%2B01%3A00"),
+            "2026-11-30T13:00:00+01:00"
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("13:00+01:00"), "13:00+01:00");
+    }
+}
