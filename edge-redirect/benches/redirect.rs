@@ -2,8 +2,9 @@
 //! edge-redirect`, part of `make bench`).
 //!
 //! 1. 100,000 links are created through the control plane's API.
-//! 2. The edge (release binary, click events on) warms its cache with every
-//!    code; nginx gets the same codes in a `map` answered with
+//! 2. The edge (release binary, click events on) and a second edge with click
+//!    events off warm their caches with every code; nginx gets the same
+//!    codes in a `map` answered with
 //!    `return 302 $target;` (`worker_processes auto`, no access log; codes
 //!    that differ only in case are left out, as nginx map keys ignore case).
 //! 3. wrk (1 thread, 64 connections, a random code per request) drives each
@@ -11,7 +12,12 @@
 //!    server's CPU time per redirect (user + system time of its processes
 //!    from /proc, divided by requests served), which does not depend on the
 //!    load generator.
-//! 4. Memory: 1,000,000 mappings are written to Redis in the control
+//!    Redis's CPU time during the events-on rounds is reported too: it is
+//!    what shipping click events costs outside the edge.
+//! 4. Empty cache: an edge whose entries expire after 1 ms, so every request
+//!    is a miss answered by one Redis `GET`, against `redis-benchmark -t get
+//!    -c 64` on the same Redis.
+//! 5. Memory: 1,000,000 mappings are written to Redis in the control
 //!    plane's format and requested once each from a fresh edge; its resident
 //!    memory is compared with the same process before.
 
@@ -106,6 +112,8 @@ struct Round {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_request: f64,
+    /// CPU of the `side` processes (Redis) per request.
+    side_cpu_us_per_request: f64,
 }
 
 fn parse_ms(value: &str) -> f64 {
@@ -121,8 +129,9 @@ fn parse_ms(value: &str) -> f64 {
     }
 }
 
-fn wrk_round(url: &str, script: &Path, pids: &[u32]) -> Round {
+fn wrk_round(url: &str, script: &Path, pids: &[u32], side: &[u32]) -> Round {
     let before = cpu_ticks(pids);
+    let side_before = cpu_ticks(side);
     let output = Command::new("wrk")
         .args([
             "-t1",
@@ -136,6 +145,7 @@ fn wrk_round(url: &str, script: &Path, pids: &[u32]) -> Round {
         .output()
         .expect("wrk is installed (make deps)");
     let after = cpu_ticks(pids);
+    let side_after = cpu_ticks(side);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "wrk failed: {text}");
     let line = |prefix: &str| {
@@ -156,11 +166,13 @@ fn wrk_round(url: &str, script: &Path, pids: &[u32]) -> Round {
         .unwrap_or(0);
     assert_eq!(non_3xx, 0, "every request must redirect: {text}");
     let cpu_secs = (after - before) as f64 / ticks_per_second() as f64;
+    let side_secs = (side_after - side_before) as f64 / ticks_per_second() as f64;
     Round {
         rps: line("Requests/sec:").parse().unwrap(),
         p50_ms: parse_ms(line("50%")),
         p99_ms: parse_ms(line("99%")),
         cpu_us_per_request: cpu_secs * 1e6 / requests,
+        side_cpu_us_per_request: side_secs * 1e6 / requests,
     }
 }
 
@@ -169,7 +181,13 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn start_edge(redis: &TestRedis, control_plane: &str, port: u16, admin: u16) -> ManagedProcess {
+fn start_edge(
+    redis: &TestRedis,
+    control_plane: &str,
+    port: u16,
+    admin: u16,
+    extra: &[(&str, &str)],
+) -> ManagedProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edge-redirect"));
     command
         .env_clear()
@@ -179,8 +197,53 @@ fn start_edge(redis: &TestRedis, control_plane: &str, port: u16, admin: u16) -> 
         .env("CONTROL_PLANE_URL", control_plane)
         .env("EDGE_CACHE_CAPACITY", "1100000")
         .env("RUST_LOG", "error")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null());
     ManagedProcess::spawn("edge-redirect", command, 15)
+}
+
+/// Requests every code once from the edge on `port`, checking each
+/// redirect's `Location`.
+async fn warm(plain: &reqwest::Client, port: u16, links: &[(String, String)]) {
+    let warmers: Vec<_> = links
+        .chunks(links.len().div_ceil(64))
+        .map(<[_]>::to_vec)
+        .map(|chunk| {
+            let plain = plain.clone();
+            tokio::spawn(async move {
+                for (code, url) in chunk {
+                    let response = plain
+                        .get(format!("http://127.0.0.1:{port}/{code}"))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 302);
+                    assert_eq!(response.headers()["location"].to_str().unwrap(), url);
+                }
+            })
+        })
+        .collect();
+    for warmer in warmers {
+        warmer.await.unwrap();
+    }
+}
+
+/// `redis-benchmark -t get` on the server at `port`: requests per second.
+fn redis_benchmark_get(port: u16) -> f64 {
+    let output = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-t", "get", "-c", "64", "-n", "1000000", "-r", "100000", "-q",
+        ])
+        .output()
+        .expect("redis-benchmark is installed with redis-server");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "GET: 88105.73 requests per second, p50=0.367 msec"; progress lines end in \r.
+    text.split(['\r', '\n'])
+        .rev()
+        .filter_map(|l| l.trim().strip_prefix("GET:"))
+        .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no GET rate in {text}"))
 }
 
 async fn run() {
@@ -254,41 +317,29 @@ async fn run() {
 
     // 2. The edge, warmed with every code.
     let (edge_port, edge_admin) = (free_port(), free_port());
-    let edge = start_edge(&redis, &control_plane, edge_port, edge_admin);
-    until_http_status(
-        &format!("http://127.0.0.1:{edge_admin}/healthz"),
-        200,
-        Duration::from_secs(30),
-    )
-    .await;
+    let edge = start_edge(&redis, &control_plane, edge_port, edge_admin, &[]);
+    let (off_port, off_admin) = (free_port(), free_port());
+    let edge_off = start_edge(
+        &redis,
+        &control_plane,
+        off_port,
+        off_admin,
+        &[("EDGE_CLICK_EVENTS", "false")],
+    );
+    for admin in [edge_admin, off_admin] {
+        until_http_status(
+            &format!("http://127.0.0.1:{admin}/healthz"),
+            200,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let chunks: Vec<Vec<(String, String)>> = links
-        .chunks(links.len().div_ceil(64))
-        .map(<[_]>::to_vec)
-        .collect();
-    let warmers: Vec<_> = chunks
-        .into_iter()
-        .map(|chunk| {
-            let plain = plain.clone();
-            tokio::spawn(async move {
-                for (code, url) in chunk {
-                    let response = plain
-                        .get(format!("http://127.0.0.1:{edge_port}/{code}"))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status(), 302);
-                    assert_eq!(response.headers()["location"].to_str().unwrap(), url);
-                }
-            })
-        })
-        .collect();
-    for warmer in warmers {
-        warmer.await.unwrap();
-    }
+    warm(&plain, edge_port, &links).await;
+    warm(&plain, off_port, &links).await;
 
     // nginx with the same mappings.
     let nginx_dir = dir.path().join("nginx");
@@ -354,19 +405,29 @@ async fn run() {
     )
     .unwrap();
     let edge_pids = [edge.pid()];
+    let redis_pids: Vec<u32> = redis.pid().into_iter().collect();
     let nginx_all = nginx_pids(nginx.pid());
     let mut edge_rounds = Vec::new();
+    let mut off_rounds = Vec::new();
     let mut nginx_rounds = Vec::new();
     for _ in 0..ROUNDS {
         edge_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{edge_port}"),
             &script,
             &edge_pids,
+            &redis_pids,
+        ));
+        off_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{off_port}"),
+            &script,
+            &[edge_off.pid()],
+            &redis_pids,
         ));
         nginx_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{nginx_port}"),
             &script,
             &nginx_all,
+            &[],
         ));
     }
     let summary = |rounds: &[Round]| {
@@ -378,11 +439,55 @@ async fn run() {
         )
     };
     let (e_rps, e_p50, e_p99, e_cpu) = summary(&edge_rounds);
+    let e_redis_cpu = median(
+        edge_rounds
+            .iter()
+            .map(|r| r.side_cpu_us_per_request)
+            .collect(),
+    );
+    let (o_rps, o_p50, o_p99, o_cpu) = summary(&off_rounds);
     let (n_rps, n_p50, n_p99, n_cpu) = summary(&nginx_rounds);
+    let events: i64 = redis::cmd("XLEN")
+        .arg("clicks")
+        .query(
+            &mut redis::Client::open(redis.url())
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
+        .unwrap();
     drop(nginx);
     drop(edge);
+    drop(edge_off);
 
-    // 4. Memory with 1,000,000 cached links.
+    // 4. Empty cache: every request a miss answered by Redis.
+    let (cold_port, cold_admin) = (free_port(), free_port());
+    let cold = start_edge(
+        &redis,
+        &control_plane,
+        cold_port,
+        cold_admin,
+        &[
+            ("EDGE_CACHE_MAX_AGE_MS", "1"),
+            ("EDGE_CLICK_EVENTS", "false"),
+        ],
+    );
+    until_http_status(
+        &format!("http://127.0.0.1:{cold_admin}/healthz"),
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
+    let cold_round = wrk_round(
+        &format!("http://127.0.0.1:{cold_port}"),
+        &script,
+        &[cold.pid()],
+        &redis_pids,
+    );
+    drop(cold);
+    let redis_get_rps = redis_benchmark_get(redis.port());
+
+    // 5. Memory with 1,000,000 cached links.
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
@@ -401,7 +506,7 @@ async fn run() {
         pipe.query::<()>(&mut conn).unwrap();
     }
     let (mem_port, mem_admin) = (free_port(), free_port());
-    let mem_edge = start_edge(&redis, &control_plane, mem_port, mem_admin);
+    let mem_edge = start_edge(&redis, &control_plane, mem_port, mem_admin, &[]);
     until_http_status(
         &format!("http://127.0.0.1:{mem_admin}/healthz"),
         200,
@@ -438,6 +543,9 @@ async fn run() {
         "  edge (click events on):  {e_rps:>9.0} req/s  p50 {e_p50:.2} ms  p99 {e_p99:.2} ms  CPU {e_cpu:.1} us/redirect"
     );
     println!(
+        "  edge (click events off): {o_rps:>9.0} req/s  p50 {o_p50:.2} ms  p99 {o_p99:.2} ms  CPU {o_cpu:.1} us/redirect"
+    );
+    println!(
         "  nginx map + return 302:  {n_rps:>9.0} req/s  p50 {n_p50:.2} ms  p99 {n_p99:.2} ms  CPU {n_cpu:.1} us/redirect  [reference]"
     );
     println!(
@@ -445,6 +553,18 @@ async fn run() {
         e_rps / n_rps,
         e_p99 / n_p99,
         e_cpu / n_cpu
+    );
+    println!(
+        "  click events on/off: throughput {:.2}x, CPU per redirect {:.2}x in the edge, plus {e_redis_cpu:.1} us/redirect in Redis; {events} events in the stream",
+        e_rps / o_rps,
+        e_cpu / o_cpu
+    );
+    println!(
+        "  empty cache (every request a Redis GET): {:.0} req/s, edge CPU {:.1} us + Redis CPU {:.1} us per redirect; redis-benchmark GET -c64: {redis_get_rps:.0} req/s [reference]; ratio {:.2}x",
+        cold_round.rps,
+        cold_round.cpu_us_per_request,
+        cold_round.side_cpu_us_per_request,
+        cold_round.rps / redis_get_rps
     );
     println!(
         "  memory: {rss_empty} KiB empty, {rss_full} KiB with {million} cached links: {per_link:.0} bytes per link (target < 200)"
