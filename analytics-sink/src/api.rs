@@ -95,10 +95,21 @@ impl Api {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
+        let Some(authorization) = request.headers().get(header::AUTHORIZATION) else {
+            return unauthorized();
+        };
         let valid_code = (1..=64).contains(&code.len())
             && code
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let range = parse_range(request.uri().query().unwrap_or(""));
+        // The key is checked before anything else is said, so a caller
+        // without a valid key learns nothing about codes or parameters.
+        let link = (valid_code && range.is_ok()).then_some(code);
+        match self.authorize(link, authorization).await {
+            Access::Granted => {}
+            Access::Denied(response) => return response,
+        }
         if !valid_code {
             return error(
                 StatusCode::NOT_FOUND,
@@ -106,39 +117,13 @@ impl Api {
                 "no link has this code",
             );
         }
-        let query = request.uri().query().unwrap_or("");
-        let mut from = None;
-        let mut to = None;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value);
-            match name {
-                "from" if from.is_none() => from = Some(value),
-                "to" if to.is_none() => to = Some(value),
-                "from" | "to" => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_range",
-                        format!("{name} is given more than once"),
-                    );
-                }
-                _ => {}
-            }
-        }
-        let range = match Range::parse(from.as_deref(), to.as_deref()) {
+        let range = match range {
             Ok(range) => range,
             Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_range", message),
         };
-        match self
-            .authorize(code, request.headers().get(header::AUTHORIZATION))
-            .await
-        {
-            Access::Granted => {}
-            Access::Denied(response) => return response,
-        }
-        match report(&self.store, code, range).await {
-            Ok(report) => json(StatusCode::OK, &report),
-            Err(e) => {
+        match tokio::time::timeout(REPORT_TIMEOUT, report(&self.store, code, range)).await {
+            Ok(Ok(report)) => json(StatusCode::OK, &report),
+            Ok(Err(e)) => {
                 tracing::warn!(code, error = %e, "cannot read analytics");
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -146,33 +131,31 @@ impl Api {
                     "the analytics store is unavailable; try again shortly",
                 )
             }
+            Err(_) => {
+                tracing::warn!(code, "analytics query timed out");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "analytics_unavailable",
+                    "the analytics store did not answer in time; try again shortly",
+                )
+            }
         }
     }
 
-    async fn authorize(&self, code: &str, authorization: Option<&HeaderValue>) -> Access {
-        let unauthorized = || {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid API key is required: Authorization: Bearer <key>",
-            );
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Access::Denied(response)
+    /// Asks the control plane whether the key is valid and, given a code,
+    /// whether that link exists (`GET /links/{code}`; without a code only the
+    /// key is checked, with `GET /links?limit=1`).
+    async fn authorize(&self, code: Option<&str>, authorization: &HeaderValue) -> Access {
+        let path = match code {
+            Some(code) => format!("/links/{code}"),
+            None => "/links?limit=1".to_owned(),
         };
-        let Some(authorization) = authorization else {
-            return unauthorized();
-        };
-        let uri: http::Uri = match format!("{}/links/{code}", self.control_plane).parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                return Access::Denied(error(
-                    StatusCode::NOT_FOUND,
-                    "link_not_found",
-                    "no link has this code",
-                ));
-            }
+        let Ok(uri) = format!("{}{path}", self.control_plane).parse::<http::Uri>() else {
+            return Access::Denied(error(
+                StatusCode::NOT_FOUND,
+                "link_not_found",
+                "no link has this code",
+            ));
         };
         let mut ask = Request::new(Empty::new());
         *ask.uri_mut() = uri;
@@ -180,7 +163,16 @@ impl Api {
             .insert(header::AUTHORIZATION, authorization.clone());
         let status =
             match tokio::time::timeout(Duration::from_secs(3), self.http.request(ask)).await {
-                Ok(Ok(response)) => response.status(),
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    // Read the (small) body so the connection can be reused.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        http_body_util::BodyExt::collect(response.into_body()),
+                    )
+                    .await;
+                    status
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot reach the control plane to check a key");
                     StatusCode::SERVICE_UNAVAILABLE
@@ -189,7 +181,12 @@ impl Api {
             };
         match status {
             StatusCode::OK => Access::Granted,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => unauthorized(),
+            StatusCode::UNAUTHORIZED => Access::Denied(unauthorized()),
+            StatusCode::FORBIDDEN => Access::Denied(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this API key may not read this link's analytics",
+            )),
             StatusCode::NOT_FOUND => Access::Denied(error(
                 StatusCode::NOT_FOUND,
                 "link_not_found",
@@ -211,6 +208,41 @@ impl Api {
         }
     }
 }
+
+/// `from` and `to` from a query string (other parameters are ignored).
+fn parse_range(query: &str) -> Result<Range, String> {
+    let mut from = None;
+    let mut to = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match name {
+            "from" => &mut from,
+            "to" => &mut to,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(format!("{name} is given more than once"));
+        }
+        *slot = Some(percent_decode(value));
+    }
+    Range::parse(from.as_deref(), to.as_deref())
+}
+
+/// 401 with the shared body and `WWW-Authenticate: Bearer`.
+fn unauthorized() -> Response<Body> {
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid API key is required: Authorization: Bearer <key>",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Longest an analytics query may take before the answer is 503.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Decodes `%XX` in a query value. A `+` stays a `+`: timestamps such as
 /// `2026-11-30T13:00:00+01:00` are often sent unencoded, and no valid value

@@ -120,6 +120,11 @@ impl Config {
         if claim_idle_ms < 1_000 {
             env.problem("SINK_CLAIM_IDLE_MS must be at least 1000");
         }
+        // A batch must be stored well within the claim idle time, or another
+        // sink would claim entries this one is still working on.
+        if batch_age_ms.saturating_mul(4) > claim_idle_ms {
+            env.problem("SINK_BATCH_AGE_MS must be at most a quarter of SINK_CLAIM_IDLE_MS");
+        }
         for (name, value) in [
             ("CLICK_STREAM", &stream),
             ("CLICK_DEAD_LETTER_STREAM", &dead_letter_stream),

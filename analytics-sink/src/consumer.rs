@@ -10,13 +10,17 @@
 //!   dead-letter stream). A crash in between leaves it pending; the restarted
 //!   instance reads its own pending entries first, and other instances claim
 //!   entries idle for `SINK_CLAIM_IDLE_MS` (`XAUTOCLAIM`).
-//! - Rows that may already be in ClickHouse (pending or claimed entries, and
-//!   any batch after a failed insert attempt, since a timed-out insert may
-//!   have landed) are first checked by event id, and those found are skipped.
-//! - While a batch waits for ClickHouse, the writer keeps its entries fresh
+//! - Rows that may already be in ClickHouse (pending or claimed entries,
+//!   entries read again after the consumer group was lost, and any batch
+//!   after a failed insert attempt) are first checked by event id, and those
+//!   found are skipped. Before that check, the failed attempt is made sure to
+//!   be over (`KILL QUERY ... SYNC` on its query id), since ClickHouse may
+//!   still be committing an insert whose client gave up.
+//! - A batch whose entries were delivered a while ago is re-claimed
 //!   (`XCLAIM` with a minimum idle time that fails once another instance has
-//!   claimed them), so a slow instance and a claiming one never both insert
-//!   the same rows.
+//!   claimed them) right before each insert, and each insert and check is
+//!   bounded to a quarter of `SINK_CLAIM_IDLE_MS`, so a slow instance and a
+//!   claiming one never both insert the same rows.
 //! - Entries that are not click events, and rows ClickHouse refuses as data
 //!   (found by splitting the batch), go to the dead-letter stream with the
 //!   reason, and are acknowledged, so they never block the pipeline.
@@ -56,7 +60,10 @@ pub struct Settings {
 }
 
 /// Entries read together, and whether their rows may already be stored.
+/// Entries whose content was trimmed from the stream before anyone stored
+/// it come as ids alone (`gone`): there is nothing left to store.
 struct Chunk {
+    gone: Vec<String>,
     entries: Vec<Entry>,
     maybe_stored: bool,
     /// When these entries were last delivered to (or claimed by) us.
@@ -139,7 +146,7 @@ pub fn start(
     let reader_stop = stop.clone();
     Ok(tokio::spawn(async move {
         let reader = tokio::spawn(reader.run(tx, reader_stop));
-        writer.run(rx).await;
+        writer.run(rx, stop).await;
         let _ = reader.await;
     }))
 }
@@ -160,10 +167,18 @@ impl Reader {
         let mut claim_cursor = "0-0".to_owned();
         let mut next_claim = Instant::now();
         let mut group_ready = false;
+        // After the group had to be made again, entries up to this id may
+        // have been stored before: they are checked, not trusted.
+        let mut recheck_until: Option<(u64, u64)> = None;
         while !*stop.borrow() {
             if !group_ready {
                 match self.ensure_group().await {
-                    Ok(()) => group_ready = true,
+                    Ok(created) => {
+                        group_ready = true;
+                        if created {
+                            recheck_until = self.last_id().await.ok().flatten();
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "cannot create the consumer group; retrying");
                         if sleep_or_stop(&mut stop, backoff).await {
@@ -189,7 +204,17 @@ impl Reader {
                     (ids, true)
                 })
             } else {
-                self.read(">", Some(BLOCK)).await.map(|ids| (ids, false))
+                self.read(">", Some(BLOCK)).await.map(|ids| {
+                    let recheck = match (recheck_until, ids.last().and_then(|e| parse_id(&e.id))) {
+                        (Some(until), Some(last)) if last <= until => true,
+                        (Some(_), Some(_)) => {
+                            recheck_until = None;
+                            true
+                        }
+                        _ => false,
+                    };
+                    (ids, recheck)
+                })
             };
             let (ids, maybe_stored) = match result {
                 Ok(found) => {
@@ -197,7 +222,7 @@ impl Reader {
                     found
                 }
                 Err(error) => {
-                    if error.to_string().contains("NOGROUP") {
+                    if error.code() == Some("NOGROUP") {
                         // Redis lost the group (restarted without its data):
                         // make it again and start over from our pending.
                         group_ready = false;
@@ -216,19 +241,37 @@ impl Reader {
             }
             self.metrics.read.increment(ids.len() as u64);
             let delivered = Instant::now();
-            let entries = ids.into_iter().map(|id| self.entry(id)).collect();
+            let mut gone = Vec::new();
+            let mut entries = Vec::with_capacity(ids.len());
+            for id in ids {
+                if id.map.is_empty() {
+                    gone.push(id.id);
+                } else {
+                    entries.push(self.entry(id));
+                }
+            }
+            if !gone.is_empty() {
+                tracing::error!(
+                    entries = gone.len(),
+                    "pending click events were trimmed from the stream before being stored"
+                );
+                self.metrics.trimmed.increment(gone.len() as u64);
+            }
             let chunk = Chunk {
+                gone,
                 entries,
                 maybe_stored,
                 delivered,
             };
-            if tx.send(chunk).await.is_err() {
-                break;
+            tokio::select! {
+                sent = tx.send(chunk) => if sent.is_err() { break },
+                _ = stop.changed() => break,
             }
         }
     }
 
-    async fn ensure_group(&self) -> redis::RedisResult<()> {
+    /// Creates the group if it is missing; true when it had to be created.
+    async fn ensure_group(&self) -> redis::RedisResult<bool> {
         let result: redis::RedisResult<()> = self
             .redis
             .run(
@@ -241,9 +284,26 @@ impl Reader {
             )
             .await;
         match result {
-            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
+            Ok(()) => Ok(true),
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(false),
+            Err(error) => Err(error),
         }
+    }
+
+    /// The id of the stream's newest entry.
+    async fn last_id(&self) -> redis::RedisResult<Option<(u64, u64)>> {
+        let reply: redis::streams::StreamRangeReply = self
+            .redis
+            .run(
+                redis::cmd("XREVRANGE")
+                    .arg(&self.settings.stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        Ok(reply.ids.first().and_then(|e| parse_id(&e.id)))
     }
 
     async fn read(&self, from: &str, block: Option<Duration>) -> redis::RedisResult<Vec<StreamId>> {
@@ -280,7 +340,8 @@ impl Reader {
             )
             .await?;
         if !reply.deleted_ids.is_empty() {
-            // Trimmed from the stream (MAXLEN) before anyone stored them.
+            // Trimmed from the stream (MAXLEN) before anyone stored them;
+            // Redis has already dropped them from the pending list.
             tracing::error!(
                 entries = reply.deleted_ids.len(),
                 "pending click events were trimmed from the stream before being stored"
@@ -323,6 +384,12 @@ impl Reader {
     }
 }
 
+/// A stream id `ms-seq` as a comparable pair.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 /// Sleeps for `wait`; true when asked to stop meanwhile.
 async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, wait: Duration) -> bool {
     tokio::select! {
@@ -338,12 +405,24 @@ struct Writer {
     metrics: Metrics,
 }
 
+/// A row on its way to ClickHouse, with its stream entry.
+struct Pending {
+    entry_id: String,
+    event: ClickEvent,
+    row: ClickRow,
+}
+
 /// A batch on its way to ClickHouse.
 struct Batch {
+    /// Every entry to acknowledge once the batch is stored.
     ids: Vec<String>,
-    rows: Vec<(String, ClickEvent, ClickRow)>,
+    rows: Vec<Pending>,
     bad: Vec<DeadLetter>,
+    seen: HashSet<uuid::Uuid>,
+    /// Rows may already be in ClickHouse: check before inserting.
     maybe_stored: bool,
+    /// Entries whose group membership was lost: store, but do not ack.
+    unowned: bool,
     delivered: Instant,
 }
 
@@ -353,27 +432,68 @@ impl Batch {
             ids: Vec::new(),
             rows: Vec::new(),
             bad: Vec::new(),
+            seen: HashSet::new(),
             maybe_stored: chunk.maybe_stored,
+            unowned: false,
             delivered: chunk.delivered,
         }
     }
 
-    fn add(&mut self, chunk: Chunk) {
+    /// Adds a chunk's entries; an event id already in the batch (an entry
+    /// written twice) is acknowledged without a second row.
+    fn add(&mut self, chunk: Chunk, duplicates: &metrics::Counter) {
         self.delivered = self.delivered.min(chunk.delivered);
+        self.ids.extend(chunk.gone);
         for entry in chunk.entries {
             self.ids.push(entry.id.clone());
             match entry.row {
-                Ok((event, row)) => self.rows.push((entry.id, event, row)),
+                Ok((event, row)) => {
+                    if self.seen.insert(row.event_id) {
+                        self.rows.push(Pending {
+                            entry_id: entry.id,
+                            event,
+                            row,
+                        });
+                    } else {
+                        duplicates.increment(1);
+                    }
+                }
                 Err(dead) => self.bad.push(dead),
             }
         }
     }
+
+    fn keep_only(&mut self, owned: &HashSet<String>) {
+        self.ids.retain(|id| owned.contains(id));
+        self.rows.retain(|p| owned.contains(&p.entry_id));
+        self.bad.retain(|d| owned.contains(&d.entry_id));
+    }
+}
+
+/// Why an attempt to store a batch did not finish.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("ClickHouse took longer than {0:?}")]
+    Slow(Duration),
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Chunk>) {
+    async fn run(self, mut rx: mpsc::Receiver<Chunk>, stop: watch::Receiver<bool>) {
+        // A previous run of this consumer may have left an insert running in
+        // ClickHouse when it died; its entries come back as pending, and
+        // checking for their rows is only sound once that insert is over.
+        let mut earlier_inserts: Option<String> = Some(format!("{}:%", self.settings.consumer));
         let mut carry: Option<Chunk> = None;
         loop {
+            // Asked to stop: finish nothing new; what was not stored stays
+            // pending and is read again by the next run.
+            if *stop.borrow() {
+                return;
+            }
             let first = match carry.take() {
                 Some(chunk) => chunk,
                 None => match rx.recv().await {
@@ -384,7 +504,7 @@ impl Writer {
             let deadline =
                 tokio::time::Instant::from_std(first.delivered + self.settings.batch_age);
             let mut batch = Batch::new(&first);
-            batch.add(first);
+            batch.add(first, &self.metrics.duplicates);
             while batch.ids.len() < self.settings.batch_size {
                 tokio::select! {
                     chunk = rx.recv() => match chunk {
@@ -394,58 +514,50 @@ impl Writer {
                             carry = Some(chunk);
                             break;
                         }
-                        Some(chunk) => batch.add(chunk),
+                        Some(chunk) => batch.add(chunk, &self.metrics.duplicates),
                         None => break,
                     },
                     () = tokio::time::sleep_until(deadline) => break,
                 }
             }
-            self.store_batch(batch).await;
+            self.store_batch(batch, &mut earlier_inserts).await;
         }
+    }
+
+    /// The longest one ClickHouse call may take: well inside the claim idle
+    /// time, so entries cannot be claimed while we still insert them.
+    fn call_limit(&self) -> Duration {
+        self.settings.claim_idle / 4
     }
 
     /// Stores one batch, retrying while ClickHouse or Redis are away; returns
     /// once every entry is acknowledged or belongs to another instance.
-    async fn store_batch(&self, mut batch: Batch) {
+    async fn store_batch(&self, mut batch: Batch, earlier_inserts: &mut Option<String>) {
         self.metrics.batch_size.record(batch.rows.len() as f64);
         let mut backoff = RETRY_MIN;
-        let mut attempts = 0u32;
+        let mut last_query: Option<String> = if batch.maybe_stored {
+            earlier_inserts.take()
+        } else {
+            None
+        };
         let mut last_touch = batch.delivered;
         loop {
-            // Still ours? Only worth asking once a claim could have happened.
-            if last_touch.elapsed() > self.settings.claim_idle / 4 {
-                match self.touch(&batch.ids, last_touch.elapsed()).await {
-                    Ok(owned) => {
-                        last_touch = Instant::now();
-                        if owned.len() < batch.ids.len() {
-                            tracing::warn!(
-                                lost = batch.ids.len() - owned.len(),
-                                "click events were claimed by another instance; leaving them to it"
-                            );
-                            batch.ids.retain(|id| owned.contains(id));
-                            batch.rows.retain(|(id, _, _)| owned.contains(id));
-                            batch.bad.retain(|d| owned.contains(&d.entry_id));
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot reach Redis to keep click events claimed");
-                        self.wait(&mut backoff).await;
-                        continue;
-                    }
-                }
-            }
-            if batch.ids.is_empty() {
-                return;
-            }
-            match self.insert(&mut batch, attempts > 0).await {
+            match self
+                .attempt(&mut batch, &mut last_touch, &mut last_query)
+                .await
+            {
                 Ok(()) => break,
                 Err(error) => {
-                    attempts += 1;
                     self.metrics.retries.increment(1);
-                    tracing::warn!(%error, rows = batch.rows.len(), attempts, "cannot store click events; retrying");
+                    tracing::warn!(%error, rows = batch.rows.len(), "cannot store click events; retrying");
+                    // Whatever that attempt sent may have landed.
+                    batch.maybe_stored = true;
                     self.wait(&mut backoff).await;
                 }
             }
+        }
+        if batch.unowned {
+            return;
         }
         // Stored: acknowledge, for as long as Redis takes to come back.
         let mut backoff = RETRY_MIN;
@@ -460,95 +572,188 @@ impl Writer {
         *backoff = (*backoff * 2).min(RETRY_MAX);
     }
 
-    /// Dead-letters bad entries, skips rows already stored, inserts the rest.
-    /// On success `batch.rows` is empty and every entry can be acknowledged.
-    async fn insert(&self, batch: &mut Batch, retrying: bool) -> Result<(), anyhow::Error> {
+    /// One try at storing the batch: re-claim if needed, make sure an
+    /// earlier attempt is over, skip rows already stored, dead-letter bad
+    /// entries, insert the rest. On success `batch.rows` is empty.
+    async fn attempt(
+        &self,
+        batch: &mut Batch,
+        last_touch: &mut Instant,
+        last_query: &mut Option<String>,
+    ) -> Result<(), AttemptError> {
+        self.fence(batch, last_touch).await?;
+        if batch.ids.is_empty() {
+            return Ok(());
+        }
         if !batch.bad.is_empty() {
-            let bad = batch.bad.clone();
-            self.dead_letter(&bad).await?;
+            self.dead_letter(&batch.bad).await?;
             batch.bad.clear();
         }
         if batch.rows.is_empty() {
             return Ok(());
         }
-        if batch.maybe_stored || retrying {
-            let rows: Vec<ClickRow> = batch.rows.iter().map(|(_, _, r)| r.clone()).collect();
-            let existing: HashSet<uuid::Uuid> =
-                self.store.existing(&rows).await?.into_iter().collect();
-            if !existing.is_empty() {
-                self.metrics.duplicates.increment(existing.len() as u64);
-                tracing::info!(
-                    rows = existing.len(),
-                    "skipping click events already stored"
-                );
-                batch
-                    .rows
-                    .retain(|(_, _, r)| !existing.contains(&r.event_id));
-            }
+        if let Some(query_id) = last_query.take() {
+            self.bounded(self.store.wait_for_query(&query_id)).await??;
         }
-        let rows: Vec<ClickRow> = batch.rows.iter().map(|(_, _, r)| r.clone()).collect();
+        if batch.maybe_stored {
+            self.skip_stored(batch).await?;
+        }
         let started = Instant::now();
-        let refused = self.insert_splitting(rows).await?;
+        let refused = self.insert_splitting(batch, last_touch, last_query).await?;
         self.metrics
             .insert_seconds
             .record(started.elapsed().as_secs_f64());
-        let stored = batch.rows.len() - refused.len();
-        self.metrics.inserted.increment(stored as u64);
+        self.metrics
+            .inserted
+            .increment((batch.rows.len() - refused.len()) as u64);
         if !refused.is_empty() {
-            let by_id: std::collections::HashMap<uuid::Uuid, String> = refused
-                .into_iter()
-                .map(|(row, reason)| (row.event_id, reason))
-                .collect();
-            let bad: Vec<DeadLetter> = batch
-                .rows
-                .iter()
-                .filter_map(|(id, event, row)| {
-                    by_id.get(&row.event_id).map(|reason| {
-                        let fields = event
-                            .to_stream_fields()
-                            .into_iter()
-                            .map(|(n, v)| (n.to_owned(), v.into_bytes()))
-                            .collect();
-                        DeadLetter {
-                            entry_id: id.clone(),
-                            reason: reason.clone(),
-                            fields,
-                        }
-                    })
-                })
-                .collect();
-            self.dead_letter(&bad).await?;
+            self.dead_letter(&refused).await?;
         }
         batch.rows.clear();
         Ok(())
     }
 
-    /// Inserts `rows`; rows ClickHouse refuses as data are found by halving
-    /// and returned with the reason. Fails only when ClickHouse is away.
-    /// A refused insert may still have written part of its rows (a
-    /// materialized view failing after the table took them), so rows are
-    /// checked for before they are sent again.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<Result<T, StoreError>, AttemptError> {
+        tokio::time::timeout(self.call_limit(), call)
+            .await
+            .map_err(|_| AttemptError::Slow(self.call_limit()))
+    }
+
+    /// Drops the rows of `batch` that ClickHouse already holds.
+    async fn skip_stored(&self, batch: &mut Batch) -> Result<(), AttemptError> {
+        let rows: Vec<ClickRow> = batch.rows.iter().map(|p| p.row.clone()).collect();
+        let existing: HashSet<uuid::Uuid> = self
+            .bounded(self.store.existing(&rows))
+            .await??
+            .into_iter()
+            .collect();
+        if !existing.is_empty() {
+            self.metrics.duplicates.increment(existing.len() as u64);
+            tracing::info!(
+                rows = existing.len(),
+                "skipping click events already stored"
+            );
+            batch.rows.retain(|p| !existing.contains(&p.row.event_id));
+        }
+        Ok(())
+    }
+
+    /// Re-claims the batch's entries if they were delivered long enough ago
+    /// that another instance could be about to claim them; keeps only what
+    /// is still ours (or was trimmed from the stream: nobody else has it).
+    async fn fence(&self, batch: &mut Batch, last_touch: &mut Instant) -> Result<(), AttemptError> {
+        if batch.unowned || last_touch.elapsed() <= self.settings.claim_idle / 4 {
+            return Ok(());
+        }
+        let since = last_touch.elapsed();
+        match self.touch(&batch.ids, since).await {
+            Ok(mut owned) => {
+                *last_touch = Instant::now();
+                if owned.len() < batch.ids.len() {
+                    let missing: Vec<String> = batch
+                        .ids
+                        .iter()
+                        .filter(|id| !owned.contains(*id))
+                        .cloned()
+                        .collect();
+                    let others = self.pending_elsewhere(&missing).await?;
+                    let lost = others.len();
+                    // Not pending anywhere: trimmed from the stream (or
+                    // stored and acknowledged by another instance, which the
+                    // existence check finds). Store it; nothing to ack.
+                    owned.extend(missing.into_iter().filter(|id| !others.contains(id)));
+                    if lost > 0 {
+                        tracing::warn!(
+                            lost,
+                            "click events were claimed by another instance; leaving them to it"
+                        );
+                    }
+                    batch.keep_only(&owned);
+                    batch.maybe_stored = true;
+                }
+                Ok(())
+            }
+            Err(error) if error.code() == Some("NOGROUP") => {
+                // The group is gone (Redis lost it): nobody owns these
+                // entries any more. Store the rows, checking for them first;
+                // the entries come back as re-checked ones once the group is
+                // made again.
+                tracing::warn!(
+                    "the consumer group is gone; storing the batch without acknowledging it"
+                );
+                batch.unowned = true;
+                batch.maybe_stored = true;
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Which of `ids` are pending for another consumer.
+    async fn pending_elsewhere(&self, ids: &[String]) -> redis::RedisResult<HashSet<String>> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING")
+                .arg(&self.settings.stream)
+                .arg(&self.settings.group)
+                .arg(id)
+                .arg(id)
+                .arg(1);
+        }
+        let replies: Vec<Vec<(String, String, u64, u64)>> = self.redis.pipe(&pipe).await?;
+        Ok(replies
+            .into_iter()
+            .flatten()
+            .filter(|(_, consumer, _, _)| *consumer != self.settings.consumer)
+            .map(|(id, _, _, _)| id)
+            .collect())
+    }
+
+    /// Inserts the batch's rows; rows ClickHouse refuses as data are found by
+    /// halving and returned as dead letters. A refused insert may still have
+    /// written part of its rows (a materialized view failing after the table
+    /// took them), so halves are checked before they are sent again. When
+    /// every row is refused the problem is not the data (a schema mismatch,
+    /// say): that is an error, retried, and nothing is dead-lettered.
     async fn insert_splitting(
         &self,
-        rows: Vec<ClickRow>,
-    ) -> Result<Vec<(ClickRow, String)>, StoreError> {
-        let mut refused = Vec::new();
-        let mut todo = vec![(rows, false)];
+        batch: &Batch,
+        last_touch: &mut Instant,
+        last_query: &mut Option<String>,
+    ) -> Result<Vec<DeadLetter>, AttemptError> {
+        let all: Vec<ClickRow> = batch.rows.iter().map(|p| p.row.clone()).collect();
+        let total = all.len();
+        let mut refused: Vec<(ClickRow, String)> = Vec::new();
+        let mut todo = vec![(all, false)];
         while let Some((mut rows, check)) = todo.pop() {
             if check {
-                let existing: HashSet<uuid::Uuid> =
-                    self.store.existing(&rows).await?.into_iter().collect();
+                if last_touch.elapsed() > self.settings.claim_idle / 4 {
+                    // Splitting takes a while: make sure nobody claimed the
+                    // entries meanwhile (the caller retries from the top).
+                    return Err(AttemptError::Slow(self.call_limit()));
+                }
+                if let Some(query_id) = last_query.take() {
+                    self.bounded(self.store.wait_for_query(&query_id)).await??;
+                }
+                let existing: HashSet<uuid::Uuid> = self
+                    .bounded(self.store.existing(&rows))
+                    .await??
+                    .into_iter()
+                    .collect();
                 rows.retain(|r| !existing.contains(&r.event_id));
             }
             if rows.is_empty() {
                 continue;
             }
-            match self.store.insert(&rows).await {
+            let query_id = format!("{}:{}", self.settings.consumer, uuid::Uuid::new_v4());
+            *last_query = Some(query_id.clone());
+            match self.bounded(self.store.insert(&rows, &query_id)).await? {
                 Ok(()) => {}
                 Err(StoreError::Data(reason)) if rows.len() == 1 => {
-                    if self.store.existing(&rows).await?.is_empty() {
-                        refused.extend(rows.into_iter().map(|r| (r, reason.clone())));
-                    }
+                    refused.extend(rows.into_iter().map(|r| (r, reason.clone())));
                 }
                 Err(StoreError::Data(_)) => {
                     let mut first = rows;
@@ -556,10 +761,41 @@ impl Writer {
                     todo.push((second, true));
                     todo.push((first, true));
                 }
-                Err(unavailable) => return Err(unavailable),
+                Err(unavailable) => return Err(unavailable.into()),
             }
         }
-        Ok(refused)
+        *last_query = None;
+        if total > 1 && refused.len() == total {
+            return Err(StoreError::Unavailable(format!(
+                "ClickHouse refused every row of the batch, which points at the schema, not the data: {}",
+                refused[0].1
+            ))
+            .into());
+        }
+        // A single refused row may have been written by an insert that
+        // failed in a materialized view: if it is there, it is stored.
+        let mut dead = Vec::new();
+        for (row, reason) in refused {
+            let stored = self
+                .bounded(self.store.existing(std::slice::from_ref(&row)))
+                .await??;
+            if !stored.is_empty() {
+                continue;
+            }
+            if let Some(p) = batch.rows.iter().find(|p| p.row.event_id == row.event_id) {
+                dead.push(DeadLetter {
+                    entry_id: p.entry_id.clone(),
+                    reason,
+                    fields: p
+                        .event
+                        .to_stream_fields()
+                        .into_iter()
+                        .map(|(n, v)| (n.to_owned(), v.into_bytes()))
+                        .collect(),
+                });
+            }
+        }
+        Ok(dead)
     }
 
     async fn dead_letter(&self, bad: &[DeadLetter]) -> redis::RedisResult<()> {

@@ -188,12 +188,14 @@ impl Store {
         Ok(applied)
     }
 
-    /// Inserts `rows` in one `INSERT`.
-    pub async fn insert(&self, rows: &[ClickRow]) -> Result<(), StoreError> {
+    /// Inserts `rows` in one `INSERT` named `query_id`, so that an attempt
+    /// whose outcome is unknown can be waited for ([`Store::wait_for_query`]).
+    pub async fn insert(&self, rows: &[ClickRow], query_id: &str) -> Result<(), StoreError> {
         let mut insert = self
             .client
             .insert::<ClickRow>("clicks")
             .await?
+            .with_setting("query_id", query_id)
             .with_timeouts(Some(Duration::from_secs(10)), Some(Duration::from_secs(30)));
         for row in rows {
             insert.write(row).await?;
@@ -239,15 +241,32 @@ impl Store {
         Ok(found)
     }
 
-    /// Is ClickHouse answering?
-    pub async fn ping(&self) -> bool {
+    /// Returns once no query whose id matches `pattern` (a `LIKE` pattern)
+    /// runs any more: ClickHouse goes on with an insert whose client gave
+    /// up, so before checking which rows landed, the insert must be over.
+    pub async fn wait_for_query(&self, pattern: &str) -> Result<(), StoreError> {
         self.client
             .clone()
             .with_database("system")
+            .query("KILL QUERY WHERE query_id LIKE ? SYNC")
+            .bind(pattern)
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// Is ClickHouse answering?
+    pub async fn ping(&self) -> bool {
+        let query = self
+            .client
+            .clone()
+            .with_database("system")
             .query("SELECT toUInt64(1) AS n")
-            .fetch_one::<Count>()
-            .await
-            .is_ok()
+            .fetch_one::<Count>();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), query).await,
+            Ok(Ok(_))
+        )
     }
 }
 

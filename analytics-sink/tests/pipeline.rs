@@ -886,3 +886,55 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
     .await;
     assert_eq!(sink.metric("analytics_sink_dead_letters_total").await, 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_group_and_repeated_entries_count_once() {
+    let pipeline = Pipeline::new(
+        Arc::new(TestRedis::start()),
+        Arc::new(external_clickhouse(&TestClickHouse::shared().url())),
+    );
+    pipeline.migrate();
+    let _sink = pipeline.start_sink("sink-g", &[]).await;
+    let first = pipeline.produce("regroup", 5_000).len() as u64;
+    pipeline.until_rows(first, Duration::from_secs(30)).await;
+
+    // The group disappears (an operator's XGROUP DESTROY, a failover to a
+    // replica without it): the sink makes it again from the start of the
+    // stream, and must not count the first 5,000 twice.
+    let mut conn = pipeline.redis_conn();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&pipeline.stream)
+        .arg("analytics-sink")
+        .query(&mut conn)
+        .unwrap();
+    // An entry written twice (same event id) is one click.
+    let twice = ClickEvent {
+        event_id: rand::random(),
+        code: "regroup".into(),
+        ts_ms: now_ms(),
+        ip: "192.0.2.8".parse().unwrap(),
+        user_agent: None,
+        referer: None,
+        accept_language: None,
+    };
+    for _ in 0..2 {
+        let _: String = redis::cmd("XADD")
+            .arg(&pipeline.stream)
+            .arg("*")
+            .arg(
+                twice
+                    .to_stream_fields()
+                    .map(|(n, v)| [n.to_owned(), v])
+                    .concat(),
+            )
+            .query(&mut conn)
+            .unwrap();
+    }
+    let second = pipeline.produce("regroup", 5_000).len() as u64;
+    let expected = first + 1 + second;
+    pipeline.until_rows(expected, Duration::from_secs(30)).await;
+    // Still exact a moment later, after every re-read entry was checked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pipeline.counts(), (expected, expected));
+}

@@ -8,10 +8,12 @@
 //!
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
-//! - A batch is written by one Lua script that first sets a marker key for the
-//!   batch (`SET NX`) and then `XADD`s every event, atomically. A batch whose
-//!   outcome is unknown (a timeout, a dropped connection) is retried with the
-//!   same marker, so it can never land twice.
+//! - Batches are numbered per edge process and written one at a time by a
+//!   Lua script that `XADD`s every click and records the batch number under
+//!   the process's own key, atomically, and does nothing for a number already
+//!   recorded. A batch whose outcome is unknown (a timeout, a dropped
+//!   connection) is retried with the same number, so it can never land
+//!   twice.
 //! - While Redis is unreachable the shipper keeps clicks and retries with
 //!   backoff. Beyond `capacity` it drops the oldest clicks that are not in
 //!   the batch being retried, and counts each drop in
@@ -34,8 +36,8 @@ use tokio::sync::{mpsc, watch};
 /// Most clicks written by one script call: bounds how long Redis is busy
 /// with one batch (a few milliseconds).
 const MAX_BATCH: usize = 2_000;
-/// How long a batch marker lives: longer than any retry of that batch.
-const MARKER_TTL_SECS: u64 = 3_600;
+/// How long an edge's batch-number key outlives its last batch.
+const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3_600;
 /// Backoff between retries while Redis is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -196,8 +198,11 @@ struct Shipping {
     stop: watch::Receiver<Option<Duration>>,
 }
 
-/// The batch script. KEYS: stream, marker. ARGV: max length, marker TTL,
-/// then seven values per click in `STREAM_FIELDS` order.
+/// The batch script. KEYS: stream, this process's batch-number key (a hash
+/// with field `batch`). ARGV:
+/// max length, batch number, key TTL, then seven values per click in
+/// `STREAM_FIELDS` order. Returns the clicks added (0 for a batch already
+/// written).
 fn script() -> redis::Script {
     let pairs: Vec<String> = STREAM_FIELDS
         .iter()
@@ -206,13 +211,15 @@ fn script() -> redis::Script {
         .collect();
     redis::Script::new(&format!(
         r"
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+if tonumber(redis.call('HGET', KEYS[2], 'batch') or '0') >= tonumber(ARGV[2]) then
   return 0
 end
-for i = 3, #ARGV, {n} do
+for i = 4, #ARGV, {n} do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', {pairs})
 end
-return (#ARGV - 2) / {n}
+redis.call('HSET', KEYS[2], 'batch', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return (#ARGV - 3) / {n}
 ",
         n = STREAM_FIELDS.len(),
         pairs = pairs.join(", ")
@@ -225,26 +232,33 @@ impl Shipping {
         let errors = metrics::counter!("edge_click_ship_errors_total");
         let depth_gauge = metrics::gauge!("edge_click_queue_depth");
         let script = script();
+        // One key per edge process; the hash tag keeps it in the stream's
+        // slot on a Redis Cluster, as a script's keys must be.
+        let sequence_key = format!(
+            "{{{}}}:edge:{:016x}",
+            self.config.stream,
+            rand::random::<u64>()
+        );
+        let mut sequence: u64 = 0;
         let mut raw = Vec::with_capacity(MAX_BATCH);
         let mut flush_deadline: Option<tokio::time::Instant> = None;
+        let mut open = true;
         loop {
             // Wait for clicks, unless some are already held.
-            if self.pending.is_empty() {
+            if self.pending.is_empty() && open {
                 tokio::select! {
                     n = self.rx.recv_many(&mut raw, MAX_BATCH) => {
-                        if n == 0 { return; }
+                        if n == 0 { open = false; }
                     }
                     _ = self.stop.changed(), if flush_deadline.is_none() => {
-                        let flush = (*self.stop.borrow()).unwrap_or_default();
-                        flush_deadline = Some(tokio::time::Instant::now() + flush);
-                        self.rx.close();
+                        self.begin_flush(&mut flush_deadline);
                     }
                 }
             }
             self.take_arrived(&mut raw);
             depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
             if self.pending.is_empty() {
-                if flush_deadline.is_some() && self.rx.is_empty() {
+                if !open || (flush_deadline.is_some() && self.rx.is_empty()) {
                     return;
                 }
                 continue;
@@ -259,17 +273,14 @@ impl Shipping {
 
             let n = self.pending.len().min(MAX_BATCH);
             let batch: Vec<Encoded> = self.pending.drain(..n).collect();
-            let marker = format!(
-                "{{{}}}:batch:{:032x}",
-                self.config.stream,
-                rand::random::<u128>()
-            );
+            sequence += 1;
             let mut invocation = script.prepare_invoke();
             invocation
                 .key(&self.config.stream)
-                .key(&marker)
+                .key(&sequence_key)
                 .arg(self.config.max_len)
-                .arg(MARKER_TTL_SECS);
+                .arg(sequence)
+                .arg(SEQUENCE_TTL_SECS);
             for event in &batch {
                 for value in event.values() {
                     invocation.arg(value);
@@ -277,10 +288,26 @@ impl Shipping {
             }
             let mut backoff = RETRY_MIN;
             loop {
-                match redis.invoke::<i64>(&invocation).await {
+                // Keep taking clicks while Redis works (or times out), so the
+                // hot path's channel stays short and the cap holds.
+                let result = {
+                    let call = redis.invoke::<i64>(&invocation);
+                    tokio::pin!(call);
+                    loop {
+                        tokio::select! {
+                            result = &mut call => break result,
+                            n = self.rx.recv_many(&mut raw, MAX_BATCH), if open => {
+                                if n == 0 { open = false; }
+                                self.take_arrived(&mut raw);
+                            }
+                        }
+                    }
+                };
+                match result {
                     Ok(_) => {
                         shipped.increment(batch.len() as u64);
                         self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+                        depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
                         break;
                     }
                     Err(error) => {
@@ -295,22 +322,18 @@ impl Shipping {
                             self.dropped.increment(lost as u64);
                             return;
                         }
-                        // Keep taking clicks while waiting, so the hot path's
-                        // channel stays short and the cap is enforced.
                         let wait = tokio::time::sleep(backoff);
                         tokio::pin!(wait);
                         loop {
                             tokio::select! {
                                 () = &mut wait => break,
-                                n = self.rx.recv_many(&mut raw, MAX_BATCH) => {
-                                    if n == 0 { (&mut wait).await; break; }
+                                n = self.rx.recv_many(&mut raw, MAX_BATCH), if open => {
+                                    if n == 0 { open = false; }
                                     self.take_arrived(&mut raw);
                                     depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
                                 }
                                 _ = self.stop.changed(), if flush_deadline.is_none() => {
-                                    let flush = (*self.stop.borrow()).unwrap_or_default();
-                                    flush_deadline = Some(tokio::time::Instant::now() + flush);
-                                    self.rx.close();
+                                    self.begin_flush(&mut flush_deadline);
                                 }
                             }
                         }
@@ -319,6 +342,14 @@ impl Shipping {
                 }
             }
         }
+    }
+
+    /// Shutdown: stop taking clicks and ship what is held for up to the
+    /// flush period.
+    fn begin_flush(&mut self, deadline: &mut Option<tokio::time::Instant>) {
+        let flush = (*self.stop.borrow()).unwrap_or_default();
+        *deadline = Some(tokio::time::Instant::now() + flush);
+        self.rx.close();
     }
 
     /// Encodes the clicks in `raw` into `pending`, dropping the oldest held
