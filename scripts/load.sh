@@ -12,7 +12,7 @@ if [[ -z "${ADMIN_API_KEY:-}" ]]; then
     [[ -f "$LOCAL/secrets/admin_api_key" ]] || die "no ADMIN_API_KEY and no $LOCAL/secrets/admin_api_key: run make up first"
     ADMIN_API_KEY="$(cat "$LOCAL/secrets/admin_api_key")"
 fi
-for script in k6/redirect.js k6/shorten.js; do
+for script in k6/redirect.js k6/shorten.js k6/mixed.js; do
     log "== $script against $BASE_URL"
     k6 run -e BASE_URL="$BASE_URL" -e ADMIN_API_KEY="$ADMIN_API_KEY" "$script"
 done

@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("analytics-sink: {err}");
         std::process::exit(EXIT_CONFIG);
     });
-    telemetry::init_logging(config.log_format);
+    let _telemetry = telemetry::init("analytics-sink", config.log_format, 1.0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use keygen::proto::GenerateKeysRequest;
 use keygen::proto::keygen_client::KeygenClient;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 
@@ -53,9 +54,14 @@ impl KeyPool {
                 Some(key) => {
                     if left < self.low_water {
                         let pool = self.clone();
-                        tokio::spawn(async move {
-                            let _ = pool.refill().await;
-                        });
+                        // Part of the request's trace: this request is why
+                        // keygen is asked.
+                        tokio::spawn(
+                            async move {
+                                let _ = pool.refill().await;
+                            }
+                            .in_current_span(),
+                        );
                     }
                     return Ok(key);
                 }
@@ -72,10 +78,12 @@ impl KeyPool {
             return Ok(());
         }
         let mut client = self.client.clone();
-        match client
-            .generate_keys(GenerateKeysRequest { count: self.batch })
-            .await
-        {
+        let span = tracing::info_span!("keygen.GenerateKeys", batch = self.batch);
+        let mut request = tonic::Request::new(GenerateKeysRequest { count: self.batch });
+        let mut headers = http::HeaderMap::new();
+        span.in_scope(|| shortener_common::telemetry::inject_context(&mut headers));
+        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
+        match client.generate_keys(request).instrument(span).await {
             Ok(response) => {
                 let keys = response.into_inner().keys;
                 self.keys.lock().expect("key pool lock").extend(keys);

@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("control-plane: {err}");
         std::process::exit(EXIT_CONFIG);
     });
-    telemetry::init_logging(config.log_format);
+    let _telemetry = telemetry::init("control-plane", config.log_format, 1.0);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
             let pool = control_plane::db::pool(

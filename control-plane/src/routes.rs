@@ -11,6 +11,7 @@ use rocket::response::{self, Responder, Response};
 use rocket::{State, delete, get, patch, post};
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::auth::Authenticated;
 use crate::db::{self, Link, LinkChanges, NewLink};
@@ -101,6 +102,37 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         .map_err(|e| ApiError::BadRequest("invalid_json", format!("request body: {e}")))
 }
 
+/// The W3C trace context an upstream (the edge, a client) sent, if any.
+pub struct TraceContext(http::HeaderMap);
+
+impl TraceContext {
+    /// A span for this request, a child of the upstream trace if there is
+    /// one (a root otherwise).
+    fn span(&self, name: &'static str) -> tracing::Span {
+        let span = tracing::info_span!("request", otel.name = name);
+        shortener_common::telemetry::set_parent_from(&span, &self.0);
+        span
+    }
+}
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for TraceContext {
+    type Error = std::convert::Infallible;
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Self::Error> {
+        let mut headers = http::HeaderMap::new();
+        for name in ["traceparent", "tracestate"] {
+            if let Some(value) = request
+                .headers()
+                .get_one(name)
+                .and_then(|v| http::HeaderValue::from_str(v).ok())
+            {
+                headers.insert(name, value);
+            }
+        }
+        Outcome::Success(Self(headers))
+    }
+}
+
 /// `Idempotency-Key`, if sent: 1 to 255 visible ASCII characters.
 pub struct IdempotencyKey(Option<String>);
 
@@ -177,6 +209,19 @@ enum Created {
 
 #[post("/shorten", data = "<data>")]
 pub async fn shorten(
+    state: &State<Arc<AppState>>,
+    auth: Result<Authenticated, ApiError>,
+    idempotency: Result<IdempotencyKey, ApiError>,
+    trace: TraceContext,
+    data: Data<'_>,
+) -> Result<JsonResponse, ApiError> {
+    let span = trace.span("POST /shorten");
+    create_link(state, auth, idempotency, data)
+        .instrument(span)
+        .await
+}
+
+async fn create_link(
     state: &State<Arc<AppState>>,
     auth: Result<Authenticated, ApiError>,
     idempotency: Result<IdempotencyKey, ApiError>,
@@ -459,7 +504,16 @@ struct Resolved {
 /// written back to Redis (only if Redis still has nothing, so it can never
 /// overwrite a newer state the relay wrote).
 #[get("/internal/resolve/<code>")]
-pub async fn resolve(state: &State<Arc<AppState>>, code: Code) -> Result<JsonResponse, ApiError> {
+pub async fn resolve(
+    state: &State<Arc<AppState>>,
+    code: Code,
+    trace: TraceContext,
+) -> Result<JsonResponse, ApiError> {
+    let span = trace.span("GET /internal/resolve");
+    resolve_link(state, code).instrument(span).await
+}
+
+async fn resolve_link(state: &State<Arc<AppState>>, code: Code) -> Result<JsonResponse, ApiError> {
     let pool = state.pool.clone();
     let lookup = code.clone();
     let link = blocking(move || Ok(db::find_link(&mut *pool.get()?, lookup.as_str())?))

@@ -886,3 +886,151 @@ async fn operations_routes_and_the_openapi_document_match_the_real_routes() {
         .collect();
     assert_eq!(documented, served);
 }
+
+/// A span as an OTLP receiver saw it.
+#[derive(Debug, Clone)]
+struct SeenSpan {
+    service: String,
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
+}
+
+/// A real OTLP/gRPC trace receiver (the collector's protocol, from
+/// `opentelemetry-proto`) that keeps every span it is sent.
+#[derive(Clone, Default)]
+struct OtlpReceiver(std::sync::Arc<std::sync::Mutex<Vec<SeenSpan>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for OtlpReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        let mut seen = self.0.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Any::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    seen.push(SeenSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: span.trace_id,
+                        span_id: span.span_id,
+                        parent_span_id: span.parent_span_id,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_is_one_trace_across_the_control_plane_and_keygen() {
+    let receiver = OtlpReceiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                    receiver.clone(),
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // keygen runs inside this test process (`InProcessKeygen`): this process
+    // exports its spans as the keygen service, over the same OTLP.
+    let telemetry = shortener_common::telemetry::init_with(
+        "keygen",
+        shortener_common::telemetry::LogFormat::Text,
+        1.0,
+        Some(endpoint.clone()),
+    );
+    assert!(telemetry.tracing(), "tracing is on when an endpoint is set");
+    // The control plane is its own process, with the endpoint in its env.
+    let app = TestApp::spawn_with(
+        &TestPostgres::shared().create_database(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+
+    // The create takes a code from the lease the control plane filled at
+    // start, which drops it below its low-water mark: the refill from
+    // keygen is part of this request's trace.
+    let response = app
+        .client
+        .post(app.url("/shorten"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"url": "https://example.com/traced"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let (create, generate) = eventually(
+        Duration::from_secs(15),
+        "spans of one trace from both services",
+        || {
+            telemetry.flush();
+            let spans = receiver.0.lock().unwrap().clone();
+            async move {
+                let create = spans
+                    .iter()
+                    .find(|s| s.service == "control-plane" && s.name == "POST /shorten")?
+                    .clone();
+                let generate = spans
+                    .iter()
+                    .find(|s| {
+                        s.service == "keygen"
+                            && s.name == "Keygen/GenerateKeys"
+                            && s.trace_id == create.trace_id
+                    })?
+                    .clone();
+                Some((create, generate))
+            }
+        },
+    )
+    .await;
+    assert_eq!(create.trace_id.len(), 16);
+    assert!(create.trace_id.iter().any(|b| *b != 0));
+    // keygen's span hangs under the control plane's client span, which
+    // hangs under the request's span: the context crossed gRPC.
+    let spans = receiver.0.lock().unwrap().clone();
+    let client = spans
+        .iter()
+        .find(|s| s.span_id == generate.parent_span_id)
+        .expect("keygen's parent span was exported");
+    assert_eq!(client.service, "control-plane");
+    assert_eq!(client.name, "keygen.GenerateKeys");
+    assert_eq!(client.parent_span_id, create.span_id);
+}

@@ -6,7 +6,9 @@ fn main() -> anyhow::Result<()> {
         eprintln!("edge-redirect: {err}");
         std::process::exit(EXIT_CONFIG);
     });
-    telemetry::init_logging(config.log_format);
+    // Traces are sampled: 1 % of the misses that reach the control plane by
+    // default (`OTEL_TRACES_SAMPLER_ARG`); hits make no spans at all.
+    let _telemetry = telemetry::init("edge-redirect", config.log_format, 0.01);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
         runtime.worker_threads(threads);

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use crate::cache::{Cache, Target};
 
@@ -134,10 +135,19 @@ impl Resolver {
     }
 
     async fn ask_control_plane(&self, code: &str) -> Result<Target, LookupError> {
+        // Only this slow path is traced (and sampled); hits make no spans.
+        let span = tracing::info_span!("edge.resolve", otel.name = "resolve via control plane");
+        self.ask_control_plane_traced(code).instrument(span).await
+    }
+
+    async fn ask_control_plane_traced(&self, code: &str) -> Result<Target, LookupError> {
         let uri: http::Uri = format!("{}/internal/resolve/{code}", self.control_plane)
             .parse()
             .map_err(|_| LookupError::Unavailable)?;
-        let response = tokio::time::timeout(Duration::from_secs(2), self.http.get(uri))
+        let mut request = http::Request::new(Empty::new());
+        *request.uri_mut() = uri;
+        shortener_common::telemetry::inject_context(request.headers_mut());
+        let response = tokio::time::timeout(Duration::from_secs(2), self.http.request(request))
             .await
             .map_err(|_| LookupError::Unavailable)?
             .map_err(|_| LookupError::Unavailable)?;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::proto::keygen_server::Keygen;
 use crate::proto::{GenerateKeysRequest, GenerateKeysResponse};
@@ -19,7 +20,20 @@ impl Keygen for GrpcKeygen {
         &self,
         request: Request<GenerateKeysRequest>,
     ) -> Result<Response<GenerateKeysResponse>, Status> {
-        let count = request.into_inner().count;
+        let span = tracing::info_span!("Keygen/GenerateKeys", count = request.get_ref().count);
+        // The caller's trace context travels in the gRPC metadata.
+        shortener_common::telemetry::set_parent_from(
+            &span,
+            &request.metadata().clone().into_headers(),
+        );
+        self.generate(request.into_inner().count)
+            .instrument(span)
+            .await
+    }
+}
+
+impl GrpcKeygen {
+    async fn generate(&self, count: u32) -> Result<Response<GenerateKeysResponse>, Status> {
         if !(1..=MAX_BATCH).contains(&count) {
             return Err(Status::invalid_argument(format!(
                 "count must be from 1 to {MAX_BATCH}, got {count}"

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(EXIT_CONFIG);
         }
     };
-    telemetry::init_logging(config.log_format);
+    let _telemetry = telemetry::init("keygen", config.log_format, 1.0);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
