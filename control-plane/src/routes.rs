@@ -133,6 +133,29 @@ impl<'r> FromRequest<'r> for TraceContext {
     }
 }
 
+/// The request's query string as sent.
+pub struct RawQuery(Option<String>);
+
+impl RawQuery {
+    /// How many times the field `name` appears.
+    fn count(&self, name: &str) -> usize {
+        self.0
+            .as_deref()
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| pair.split('=').next() == Some(name))
+            .count()
+    }
+}
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for RawQuery {
+    type Error = std::convert::Infallible;
+    async fn from_request(request: &'r Request<'_>) -> Outcome<Self, Self::Error> {
+        Outcome::Success(Self(request.uri().query().map(|q| q.as_str().to_owned())))
+    }
+}
+
 /// `Idempotency-Key`, if sent: 1 to 255 visible ASCII characters.
 pub struct IdempotencyKey(Option<String>);
 
@@ -340,13 +363,21 @@ fn code_collision() -> ApiError {
     )
 }
 
+/// A path code that is not a valid code names no link: 404, after the key
+/// check, like any other unknown code (never a 400 or 422 that would tell a
+/// caller without a key something).
+fn known_code(code: Result<Code, &str>) -> Result<Code, ApiError> {
+    code.map_err(|_| ApiError::NotFound("no link has this code".into()))
+}
+
 #[get("/links/<code>")]
 pub async fn get_link(
     state: &State<Arc<AppState>>,
     auth: Result<Authenticated, ApiError>,
-    code: Code,
+    code: Result<Code, &str>,
 ) -> Result<JsonResponse, ApiError> {
     auth?;
+    let code = known_code(code)?;
     let pool = state.pool.clone();
     let link = blocking(move || Ok(db::find_link(&mut *pool.get()?, code.as_str())?))
         .await?
@@ -378,10 +409,11 @@ struct PatchRequest {
 pub async fn patch_link(
     state: &State<Arc<AppState>>,
     auth: Result<Authenticated, ApiError>,
-    code: Code,
+    code: Result<Code, &str>,
     data: Data<'_>,
 ) -> Result<JsonResponse, ApiError> {
     auth?;
+    let code = known_code(code)?;
     let request: PatchRequest = parse_json(&read_body(data).await?)?;
     let changes = LinkChanges {
         url: request
@@ -421,9 +453,10 @@ pub async fn patch_link(
 pub async fn delete_link(
     state: &State<Arc<AppState>>,
     auth: Result<Authenticated, ApiError>,
-    code: Code,
+    code: Result<Code, &str>,
 ) -> Result<Status, ApiError> {
     auth?;
+    let code = known_code(code)?;
     let pool = state.pool.clone();
     let deleted = blocking(move || Ok(db::delete_link(&mut *pool.get()?, code.as_str())?)).await?;
     if !deleted {
@@ -457,8 +490,18 @@ pub async fn list_links(
     auth: Result<Authenticated, ApiError>,
     limit: Option<&str>,
     cursor: Option<&str>,
+    query: RawQuery,
 ) -> Result<JsonResponse, ApiError> {
     auth?;
+    // Rocket takes a repeated field as absent; say so instead of quietly
+    // serving the default page.
+    for name in ["limit", "cursor"] {
+        if query.count(name) > 1 {
+            return Err(ApiError::bad_request(format!(
+                "{name} is given more than once"
+            )));
+        }
+    }
     let limit = match limit {
         None => 20,
         Some(raw) => raw
@@ -506,9 +549,10 @@ struct Resolved {
 #[get("/internal/resolve/<code>")]
 pub async fn resolve(
     state: &State<Arc<AppState>>,
-    code: Code,
+    code: Result<Code, &str>,
     trace: TraceContext,
 ) -> Result<JsonResponse, ApiError> {
+    let code = known_code(code)?;
     let span = trace.span("GET /internal/resolve");
     resolve_link(state, code).instrument(span).await
 }

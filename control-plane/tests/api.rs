@@ -1034,3 +1034,55 @@ async fn a_create_is_one_trace_across_the_control_plane_and_keygen() {
     assert_eq!(client.name, "keygen.GenerateKeys");
     assert_eq!(client.parent_span_id, create.span_id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_paths_and_parameters_get_the_documented_answers() {
+    let app = TestApp::spawn().await;
+    let get = |path: &str, key: Option<&str>| {
+        let mut request = app.client.get(app.url(path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    // A path that cannot be a code names no link: 404 with a key, 401
+    // without one (never a 400 that would answer before the key check).
+    for path in ["/links/%C2%84", "/links/a.b", "/links/a%2Fb"] {
+        let response = get(path, Some(ADMIN_KEY)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{path}");
+        assert_eq!(
+            get(path, None).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    let response = app
+        .client
+        .get(app.url("/internal/resolve/%C2%84"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // A repeated query field is refused rather than ignored.
+    for query in ["limit=5&limit=7", "cursor=zz&cursor=zz"] {
+        let response = get(&format!("/links?{query}"), Some(ADMIN_KEY))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+    }
+    // An explicit null is the same as leaving an optional field out.
+    let response = app
+        .client
+        .post(app.url("/shorten"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"url": "https://example.com/nulls", "alias": null, "expires_at": null, "redirect_status": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["redirect_status"], 302);
+    assert_eq!(created["expires_at"], Value::Null);
+}

@@ -86,21 +86,66 @@ pub struct Edge {
     pub counters: Counters,
 }
 
-/// Counter handles fetched once, so the hot path skips the registry lookup.
+/// Statuses the edge answers with, each with its own counter.
+const STATUSES: [u16; 9] = [301, 302, 307, 308, 400, 404, 405, 410, 503];
+
+/// One request in this many is timed for `edge_http_request_duration_seconds`:
+/// enough for percentiles, too few to cost the hot path anything.
+const TIME_ONE_IN: u32 = 64;
+
+/// Metric handles fetched once, so the hot path skips the registry lookup.
 pub struct Counters {
     hits: metrics::Counter,
     misses: metrics::Counter,
     rejected: metrics::Counter,
+    /// `edge_http_responses_total{status}`, in `STATUSES` order, then
+    /// `status="other"`.
+    responses: [metrics::Counter; STATUSES.len() + 1],
+    duration: metrics::Histogram,
 }
 
 impl Counters {
     pub fn new() -> Self {
+        let response = |status: &'static str| metrics::counter!("edge_http_responses_total", "status" => status);
         Self {
             hits: metrics::counter!("edge_cache_hits_total"),
             misses: metrics::counter!("edge_cache_misses_total"),
             rejected: metrics::counter!("edge_rejected_paths_total"),
+            responses: [
+                response("301"),
+                response("302"),
+                response("307"),
+                response("308"),
+                response("400"),
+                response("404"),
+                response("405"),
+                response("410"),
+                response("503"),
+                response("other"),
+            ],
+            duration: metrics::histogram!("edge_http_request_duration_seconds"),
         }
     }
+
+    fn count(&self, status: StatusCode) {
+        let i = STATUSES
+            .iter()
+            .position(|s| *s == status.as_u16())
+            .unwrap_or(STATUSES.len());
+        self.responses[i].increment(1);
+    }
+}
+
+/// Whether this request is one of the timed ones (per worker thread).
+fn timed() -> bool {
+    thread_local! {
+        static SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    SEEN.with(|seen| {
+        let n = seen.get().wrapping_add(1);
+        seen.set(n);
+        n % TIME_ONE_IN == 0
+    })
 }
 
 impl Default for Counters {
@@ -230,7 +275,17 @@ pub async fn serve(
         let edge = edge.clone();
         let service = service_fn(move |request| {
             let edge = edge.clone();
-            async move { Ok::<_, Infallible>(edge.handle(request, peer.ip()).await) }
+            async move {
+                let started = timed().then(std::time::Instant::now);
+                let response = edge.handle(request, peer.ip()).await;
+                edge.counters.count(response.status());
+                if let Some(started) = started {
+                    edge.counters
+                        .duration
+                        .record(started.elapsed().as_secs_f64());
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         let conn =
             graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));

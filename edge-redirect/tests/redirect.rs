@@ -465,6 +465,17 @@ async fn with_redis_down_cached_links_redirect_and_readiness_says_degraded() {
         metrics.contains("edge_control_plane_fallbacks_total"),
         "{metrics}"
     );
+    // Responses are counted by status (RED metrics for the hot path).
+    let redirects: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"edge_http_responses_total{status="302"} "#))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(redirects >= 21.0, "{metrics}");
+    assert!(
+        metrics.contains("edge_http_request_duration_seconds"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
