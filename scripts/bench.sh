@@ -10,3 +10,4 @@ cd "$ROOT"
 cargo bench -p keygen --locked
 cargo bench -p control-plane --locked
 cargo bench -p edge-redirect --locked
+cargo bench -p analytics-sink --locked

@@ -42,7 +42,8 @@ pub struct Config {
     /// restarts (a restarted instance first finishes its own pending
     /// entries).
     pub consumer: String,
-    /// `SINK_BATCH_SIZE`, default 10000: rows per ClickHouse insert at most.
+    /// `SINK_BATCH_SIZE`, default 50000: rows per ClickHouse insert at most
+    /// (bigger inserts cost ClickHouse less per row; the age bounds latency).
     pub batch_size: usize,
     /// `SINK_BATCH_AGE_MS`, default 1000: a partial batch is inserted once
     /// its oldest row waited this long.
@@ -95,7 +96,7 @@ impl Config {
         let dead_letter_stream = env.parse_or("CLICK_DEAD_LETTER_STREAM", "clicks-dead".to_owned());
         let group = env.parse_or("SINK_GROUP", "analytics-sink".to_owned());
         let consumer = env.parse_or("SINK_CONSUMER", host_name());
-        let batch_size: usize = env.parse_or("SINK_BATCH_SIZE", 10_000);
+        let batch_size: usize = env.parse_or("SINK_BATCH_SIZE", 50_000);
         let batch_age_ms: u64 = env.parse_or("SINK_BATCH_AGE_MS", 1_000);
         let claim_idle_ms: u64 = env.parse_or("SINK_CLAIM_IDLE_MS", 60_000);
         let geoip_db: Option<PathBuf> = env.parse_opt("GEOIP_DB");

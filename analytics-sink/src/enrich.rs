@@ -202,8 +202,8 @@ impl Enricher {
         }
     }
 
-    pub fn row(&mut self, event: ClickEvent) -> ClickRow {
-        let ua = event.user_agent.unwrap_or_default();
+    pub fn row(&mut self, event: &ClickEvent) -> ClickRow {
+        let ua = event.user_agent.clone().unwrap_or_default();
         let agent = match self.agents.get(&ua) {
             Some(agent) => agent.clone(),
             None => {
@@ -220,7 +220,7 @@ impl Enricher {
         let day = (secs / 86_400).min(u64::from(u16::MAX)) as u16;
         ClickRow {
             event_id: uuid::Uuid::from_u128(event.event_id),
-            code: event.code,
+            code: event.code.clone(),
             ts: secs.min(u64::from(u32::MAX)) as u32,
             ts_ms,
             date: day,
@@ -231,7 +231,7 @@ impl Enricher {
                 String::new()
             },
             referrer_host: referrer_host(event.referer.as_deref()),
-            referrer: event.referer.unwrap_or_default(),
+            referrer: event.referer.clone().unwrap_or_default(),
             country: self
                 .geo
                 .as_ref()
@@ -315,7 +315,7 @@ mod tests {
             referer: Some("https://t.co/x".into()),
             accept_language: Some("de-DE".into()),
         };
-        let row = Enricher::new(None, b"0123456789abcdef", false).row(event.clone());
+        let row = Enricher::new(None, b"0123456789abcdef", false).row(&event);
         assert_eq!(row.ip, "");
         assert_eq!(row.date, 20_000);
         assert_eq!(row.ts, 86_400 * 20_000 + 1);
@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(row.referrer_host, "t.co");
         assert_eq!(row.language, "de-de");
         assert_eq!(row.country, "");
-        let raw = Enricher::new(None, b"0123456789abcdef", true).row(event);
+        let raw = Enricher::new(None, b"0123456789abcdef", true).row(&event);
         assert_eq!(raw.ip, "192.0.2.7");
         assert_eq!(raw.visitor_hash, row.visitor_hash);
     }

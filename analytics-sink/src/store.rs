@@ -218,18 +218,22 @@ impl Store {
                 c.dedup();
                 c
             };
-            let ids: Vec<String> = chunk.iter().map(|r| r.event_id.to_string()).collect();
+            // An `IN` set is a hash lookup per row, where `has(array, ...)`
+            // would scan the array. UUIDs print as hex and hyphens only, so
+            // they are inlined safely; codes come from the stream and are
+            // bound (escaped).
+            let ids: Vec<String> = chunk.iter().map(|r| format!("'{}'", r.event_id)).collect();
             let rows = self
                 .client
-                .query(
+                .query(&format!(
                     "SELECT toString(event_id) AS id FROM clicks \
                      WHERE ts >= toDateTime(?) AND ts <= toDateTime(?) \
-                     AND has(?, code) AND has(?, toString(event_id))",
-                )
+                     AND has(?, code) AND event_id IN ({})",
+                    ids.join(",")
+                ))
                 .bind(min)
                 .bind(max)
                 .bind(codes)
-                .bind(ids)
                 .fetch_all::<Id>()
                 .await?;
             for row in rows {
@@ -239,6 +243,16 @@ impl Store {
             }
         }
         Ok(found)
+    }
+
+    /// The newest click's time (Unix ms), 0 when there is none.
+    pub async fn newest_ms(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT max(ts_ms) AS n FROM clicks")
+            .fetch_one::<Count>()
+            .await?
+            .n)
     }
 
     /// Returns once no query whose id matches `pattern` (a `LIKE` pattern)
