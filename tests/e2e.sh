@@ -143,6 +143,24 @@ else
     failures=$((failures + 1))
 fi
 
+# The gateway's per-client admin limit (50 r/s, burst 100) answers a flood
+# with 429 and the JSON error body (last: it throttles this client a while).
+limited="$(python3 - "$GW" <<'PY'
+import json, sys, urllib.error, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+def hit(_):
+    try:
+        urllib.request.urlopen(sys.argv[1] + "/links", timeout=5)
+        return None
+    except urllib.error.HTTPError as e:
+        return (e.code, e.read())
+answers = list(ThreadPoolExecutor(16).map(hit, range(400)))
+codes = [json.loads(b)["error"]["code"] for (c, b) in filter(None, answers) if c == 429]
+print("429 rate_limited" if codes and set(codes) == {"rate_limited"} else "no 429 in %d answers" % len(answers))
+PY
+)"
+check "a flood of admin requests gets 429 as JSON" "429 rate_limited" "$limited"
+
 if ((failures > 0)); then
     echo "e2e: $failures check(s) failed"
     exit 1
