@@ -264,4 +264,76 @@ mod tests {
         assert!(parse_future_expiry("tomorrow", now).is_err());
         assert!(parse_future_expiry("2999-01-01T00:00:00+02:00", now).is_ok());
     }
+
+    mod fuzz {
+        //! Property tests over arbitrary input: whatever comes in, parsing
+        //! never panics, and what it accepts obeys every rule.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Arbitrary text, and text shaped like URLs, so both the rejects and
+        /// the accepts get explored.
+        fn url_like() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                (
+                    prop::sample::select(vec![
+                        "http",
+                        "https",
+                        "HTTP",
+                        "ftp",
+                        "javascript",
+                        "data",
+                        ""
+                    ]),
+                    prop::sample::select(vec!["://", ":", ":///", "//"]),
+                    prop::option::of("[a-z0-9]{1,8}(:[a-z0-9]{0,8})?@"),
+                    "[a-zA-Z0-9.\\-äü😀]{0,40}",
+                    prop::option::of(":[0-9]{1,6}"),
+                    "(/[a-zA-Z0-9%?#=&.ä ]{0,30}){0,4}",
+                )
+                    .prop_map(|(scheme, sep, user, host, port, path)| {
+                        format!(
+                            "{scheme}{sep}{}{host}{}{path}",
+                            user.unwrap_or_default(),
+                            port.unwrap_or_default()
+                        )
+                    }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn target_urls_obey_the_rules(raw in url_like()) {
+                if let Ok(url) = TargetUrl::parse(&raw, OWN) {
+                    let parsed = url::Url::parse(url.as_str()).unwrap();
+                    prop_assert!(matches!(parsed.scheme(), "http" | "https"));
+                    prop_assert!(parsed.host_str().is_some_and(|h| !h.is_empty()));
+                    prop_assert!(parsed.username().is_empty() && parsed.password().is_none());
+                    prop_assert!(url.as_str().len() <= MAX_URL_BYTES);
+                    prop_assert!(url.as_str().is_ascii(), "stored as ASCII: {}", url.as_str());
+                    prop_assert_ne!(parsed.host_str(), Some(OWN));
+                    // What was accepted is accepted again unchanged.
+                    prop_assert_eq!(
+                        TargetUrl::parse(url.as_str(), OWN).map(TargetUrl::into_string),
+                        Ok(url.as_str().to_owned())
+                    );
+                }
+            }
+
+            #[test]
+            fn codes_and_aliases_are_exactly_the_allowed_characters(raw in any::<String>()) {
+                let allowed = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if let Some(code) = Code::parse(&raw) {
+                    prop_assert!(allowed(code.as_str()) && (1..=64).contains(&code.as_str().len()));
+                }
+                if let Ok(alias) = Alias::parse(&raw) {
+                    let code = alias.into_code();
+                    prop_assert!(allowed(code.as_str()) && (3..=64).contains(&code.as_str().len()));
+                }
+            }
+        }
+    }
 }

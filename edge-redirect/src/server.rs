@@ -307,6 +307,23 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5000))]
+
+        /// Whatever the path, parsing never panics, and a code comes out
+        /// exactly when the path is `/` and 1 to 64 allowed characters.
+        #[test]
+        fn codes_come_only_from_well_formed_paths(path in proptest::prelude::any::<String>(), tail in "[A-Za-z0-9_-]{1,70}") {
+            for candidate in [path.clone(), format!("/{path}"), format!("/{tail}")] {
+                let expected = candidate
+                    .strip_prefix('/')
+                    .filter(|c| (1..=64).contains(&c.len()))
+                    .filter(|c| c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+                proptest::prop_assert_eq!(parse_code(&candidate), expected);
+            }
+        }
+    }
+
     #[test]
     fn only_well_formed_codes_pass() {
         assert_eq!(parse_code("/abc"), Some("abc"));

@@ -658,3 +658,83 @@ async fn shutdown_ships_the_clicks_still_held() {
     let n: usize = redis::cmd("XLEN").arg("clicks").query(&mut conn).unwrap();
     assert_eq!(n, 16);
 }
+
+/// Sends raw bytes on a fresh connection and returns what came back before
+/// the server answered and closed, or a short while passed.
+fn raw_exchange(port: u16, request: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    // The server may close while we still write: that is an answer too.
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_refused_and_the_edge_keeps_serving() {
+    let stack = Stack::start().await;
+    let code = stack
+        .create(json!({"url": "https://example.com/still-here"}))
+        .await;
+    let port = stack.edge_port;
+    let huge_header = format!(
+        "GET /{code} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let long_path = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000));
+    let smuggle = format!(
+        "POST /{code} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    let double_length = format!(
+        "GET /{code} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 7\r\n\r\n"
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("huge header", huge_header.into_bytes()),
+        ("very long path", long_path.into_bytes()),
+        (
+            "invalid UTF-8 path",
+            b"GET /\xff\xfe\xfd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "NUL in path",
+            b"GET /ab\x00c HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "garbage",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n".to_vec(),
+        ),
+        ("CL and TE together", smuggle.into_bytes()),
+        ("two Content-Lengths", double_length.into_bytes()),
+        (
+            "header without colon",
+            b"GET / HTTP/1.1\r\nHost x\r\n\r\n".to_vec(),
+        ),
+    ];
+    for (name, request) in cases {
+        let answer = raw_exchange(port, &request);
+        let text = String::from_utf8_lossy(&answer);
+        // Refused (4xx) or the connection closed: never a redirect, and
+        // never a second, smuggled response.
+        assert!(
+            answer.is_empty() || text.starts_with("HTTP/1.1 4"),
+            "{name}: {text:.200}"
+        );
+        assert!(
+            text.matches("HTTP/1.1").count() <= 1,
+            "{name}: more than one response: {text:.400}"
+        );
+        // And the next good request is answered correctly.
+        let (status, location, _) = stack.get(&format!("/{code}")).await;
+        assert_eq!(status, 302, "after {name}");
+        assert_eq!(location.as_deref(), Some("https://example.com/still-here"));
+    }
+}
