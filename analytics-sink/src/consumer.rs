@@ -35,6 +35,7 @@ use shortener_common::ClickEvent;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{mpsc, watch};
 
+use crate::Config;
 use crate::enrich::Enricher;
 use crate::store::{ClickRow, Store, StoreError};
 
@@ -46,18 +47,6 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Dead-letter stream length (`MAXLEN ~`).
 const DEAD_LETTER_MAX_LEN: u64 = 1_000_000;
-
-/// Where the pipeline reads and writes.
-#[derive(Clone)]
-pub struct Settings {
-    pub stream: String,
-    pub dead_letter_stream: String,
-    pub group: String,
-    pub consumer: String,
-    pub batch_size: usize,
-    pub batch_age: Duration,
-    pub claim_idle: Duration,
-}
 
 /// Entries read together, and whether their rows may already be stored.
 /// Entries whose content was trimmed from the stream before anyone stored
@@ -121,7 +110,7 @@ pub fn start(
     redis_url: &str,
     store: Store,
     enricher: Enricher,
-    settings: Settings,
+    settings: Arc<Config>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // Separate connections: the reader's blocking reads must not delay the
@@ -129,7 +118,6 @@ pub fn start(
     let timeout = BLOCK + Duration::from_secs(5);
     let reader_redis = LazyRedis::with_response_timeout(redis_url, timeout)?;
     let writer_redis = LazyRedis::with_response_timeout(redis_url, timeout)?;
-    let settings = Arc::new(settings);
     let (tx, rx) = mpsc::channel::<Chunk>(4);
     let reader = Reader {
         redis: reader_redis,
@@ -156,7 +144,7 @@ struct Reader {
     redis: LazyRedis,
     store: Store,
     enricher: Enricher,
-    settings: Arc<Settings>,
+    settings: Arc<Config>,
     metrics: Metrics,
 }
 
@@ -486,7 +474,7 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, wait: Duration) -> bool
 struct Writer {
     redis: LazyRedis,
     store: Store,
-    settings: Arc<Settings>,
+    settings: Arc<Config>,
     metrics: Metrics,
 }
 
@@ -677,11 +665,9 @@ impl Writer {
         if batch.rows.is_empty() {
             return Ok(());
         }
-        if let Some(query_id) = last_query.take() {
-            self.bounded(self.store.wait_for_query(&query_id)).await??;
-        }
+        // An earlier attempt (`last_query`) makes the batch maybe stored.
         if batch.maybe_stored {
-            self.skip_stored(batch).await?;
+            self.skip_stored(batch, last_query).await?;
         }
         let started = Instant::now();
         let refused = self.insert_splitting(batch, last_touch, last_query).await?;
@@ -707,14 +693,31 @@ impl Writer {
             .map_err(|_| AttemptError::Slow(self.call_limit()))
     }
 
-    /// Drops the rows of `batch` that ClickHouse already holds.
-    async fn skip_stored(&self, batch: &mut Batch) -> Result<(), AttemptError> {
-        let rows: Vec<ClickRow> = batch.rows.iter().map(|p| p.row.clone()).collect();
-        let existing: HashSet<uuid::Uuid> = self
-            .bounded(self.store.existing(&rows))
+    /// The event ids among `rows` that ClickHouse already holds, asked only
+    /// once the earlier insert attempt (`last_query`), if any, is over.
+    async fn stored_ids(
+        &self,
+        rows: &[ClickRow],
+        last_query: &mut Option<String>,
+    ) -> Result<HashSet<uuid::Uuid>, AttemptError> {
+        if let Some(query_id) = last_query.take() {
+            self.bounded(self.store.wait_for_query(&query_id)).await??;
+        }
+        Ok(self
+            .bounded(self.store.existing(rows))
             .await??
             .into_iter()
-            .collect();
+            .collect())
+    }
+
+    /// Drops the rows of `batch` that ClickHouse already holds.
+    async fn skip_stored(
+        &self,
+        batch: &mut Batch,
+        last_query: &mut Option<String>,
+    ) -> Result<(), AttemptError> {
+        let rows: Vec<ClickRow> = batch.rows.iter().map(|p| p.row.clone()).collect();
+        let existing = self.stored_ids(&rows, last_query).await?;
         if !existing.is_empty() {
             self.metrics.duplicates.increment(existing.len() as u64);
             tracing::info!(
@@ -820,14 +823,7 @@ impl Writer {
                     // entries meanwhile (the caller retries from the top).
                     return Err(AttemptError::Slow(self.call_limit()));
                 }
-                if let Some(query_id) = last_query.take() {
-                    self.bounded(self.store.wait_for_query(&query_id)).await??;
-                }
-                let existing: HashSet<uuid::Uuid> = self
-                    .bounded(self.store.existing(&rows))
-                    .await??
-                    .into_iter()
-                    .collect();
+                let existing = self.stored_ids(&rows, last_query).await?;
                 rows.retain(|r| !existing.contains(&r.event_id));
             }
             if rows.is_empty() {
@@ -862,8 +858,8 @@ impl Writer {
         let mut dead = Vec::new();
         for (row, reason) in refused {
             let stored = self
-                .bounded(self.store.existing(std::slice::from_ref(&row)))
-                .await??;
+                .stored_ids(std::slice::from_ref(&row), last_query)
+                .await?;
             if !stored.is_empty() {
                 continue;
             }

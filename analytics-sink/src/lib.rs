@@ -21,14 +21,20 @@ pub use config::Config;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::net::TcpListener;
 
-/// The store for `config`, with row validation set for its server.
-pub async fn connect_store(config: &Config) -> anyhow::Result<store::Store> {
-    let mut store = store::Store::new(
+/// A client for the configured ClickHouse (row validation off until
+/// [`store::Store::detect`]).
+fn store_for(config: &Config) -> store::Store {
+    store::Store::new(
         &config.clickhouse_url,
         &config.clickhouse_database,
         &config.clickhouse_user,
         config.clickhouse_password.as_ref().map(|p| p.expose()),
-    );
+    )
+}
+
+/// The store for `config`, with row validation set for its server.
+pub async fn connect_store(config: &Config) -> anyhow::Result<store::Store> {
+    let mut store = store_for(config);
     let version = store
         .detect()
         .await
@@ -52,7 +58,7 @@ pub struct Application {
     listener: TcpListener,
     api: Arc<api::Api>,
     config: Config,
-    enricher: Option<enrich::Enricher>,
+    enricher: enrich::Enricher,
 }
 
 impl Application {
@@ -63,12 +69,7 @@ impl Application {
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("cannot listen on ANALYTICS_ADDR={}", config.addr))?;
-        let mut store = store::Store::new(
-            &config.clickhouse_url,
-            &config.clickhouse_database,
-            &config.clickhouse_user,
-            config.clickhouse_password.as_ref().map(|p| p.expose()),
-        );
+        let mut store = store_for(&config);
         match store.detect().await {
             Ok(version) => tracing::info!(%version, "connected to ClickHouse"),
             Err(error) => {
@@ -97,7 +98,7 @@ impl Application {
             listener,
             api,
             config,
-            enricher: Some(enricher),
+            enricher,
         })
     }
 
@@ -110,49 +111,39 @@ impl Application {
     /// the drain period (otherwise its entries stay pending for the next
     /// run).
     pub async fn run_until(
-        mut self,
+        self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            api,
+            config,
+            enricher,
+        } = self;
+        let config = Arc::new(config);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let settings = consumer::Settings {
-            stream: self.config.stream.clone(),
-            dead_letter_stream: self.config.dead_letter_stream.clone(),
-            group: self.config.group.clone(),
-            consumer: self.config.consumer.clone(),
-            batch_size: self.config.batch_size,
-            batch_age: self.config.batch_age,
-            claim_idle: self.config.claim_idle,
-        };
         let pipeline = consumer::start(
-            self.config.redis_url.expose(),
-            self.api.store.clone(),
-            self.enricher.take().expect("built with an enricher"),
-            settings,
+            config.redis_url.expose(),
+            api.store.clone(),
+            enricher,
+            config.clone(),
             stop_rx.clone(),
         )?;
-        let lag = tokio::spawn(report_lag(
-            self.config.redis_url.expose().to_owned(),
-            self.config.stream.clone(),
-            self.config.group.clone(),
-            stop_rx.clone(),
-        ));
-        let api = self.api.clone();
+        let lag = tokio::spawn(report_lag(api.clone(), config.clone(), stop_rx.clone()));
+        let serving = api.clone();
         let mut http_stop = stop_rx;
         let http = tokio::spawn(shortener_common::http::serve(
-            self.listener,
-            move |request| api.clone().handle(request),
+            listener,
+            move |request| serving.clone().handle(request),
             async move {
                 let _ = http_stop.changed().await;
             },
-            self.config.drain,
+            config.drain,
         ));
         shutdown.await;
         tracing::info!("shutting down: finishing the batch in hand");
         let _ = stop_tx.send(true);
-        if tokio::time::timeout(self.config.drain, pipeline)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(config.drain, pipeline).await.is_err() {
             tracing::warn!("the batch in hand was not stored in time; its events stay pending");
         }
         let _ = http.await;
@@ -161,22 +152,20 @@ impl Application {
     }
 }
 
-/// Publishes the consumer group's lag and pending count every few seconds.
+/// Publishes the consumer group's lag and pending count every few seconds,
+/// over the API's Redis connection.
 async fn report_lag(
-    redis_url: String,
-    stream: String,
-    group: String,
+    api: Arc<api::Api>,
+    config: Arc<Config>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Ok(redis) = LazyRedis::new(&redis_url) else {
-        return;
-    };
+    let (redis, stream, group) = (&api.redis, &config.stream, &config.group);
     let lag_gauge = metrics::gauge!("analytics_sink_lag_events");
     let pending_gauge = metrics::gauge!("analytics_sink_pending_events");
     loop {
         let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
             redis
-                .run(redis::cmd("XINFO").arg("GROUPS").arg(&stream))
+                .run(redis::cmd("XINFO").arg("GROUPS").arg(stream))
                 .await;
         if let Ok(groups) = groups {
             for g in groups {
