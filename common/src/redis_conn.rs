@@ -33,7 +33,7 @@ impl LazyRedis {
     }
 
     /// The shared connection, connecting first if needed.
-    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
@@ -50,7 +50,7 @@ impl LazyRedis {
 
     /// Forgets the connection after an error that means it is broken, so
     /// the next call connects again.
-    pub async fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+    async fn check<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         if result.as_ref().is_err_and(|e| {
             e.is_io_error()
                 || e.is_timeout()

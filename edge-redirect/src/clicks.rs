@@ -180,11 +180,6 @@ impl ClickQueue {
             self.dropped.increment(1);
         }
     }
-
-    /// Clicks accepted and not yet shipped.
-    pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
-    }
 }
 
 struct Shipping {

@@ -216,11 +216,6 @@ impl Application {
         self.admin.local_addr().expect("bound").port()
     }
 
-    /// Click events accepted and not yet in the stream.
-    pub fn click_queue(&self) -> clicks::ClickQueue {
-        self.edge.clicks.clone()
-    }
-
     pub fn cache(&self) -> Arc<cache::Cache> {
         self.edge.cache.clone()
     }
