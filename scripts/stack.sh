@@ -436,6 +436,8 @@ service_env() {
                 "EDGE_HTTP_ADDR=127.0.0.1:$EDGE_PORT"
                 "EDGE_ADMIN_ADDR=127.0.0.1:$EDGE_ADMIN_PORT"
                 "CONTROL_PLANE_URL=http://127.0.0.1:$CONTROL_PLANE_PORT"
+                # Clicks survive a killed edge; a restart ships what is left.
+                "EDGE_CLICK_JOURNAL_DIR=$LOCAL/edge-journal"
             )
             ;;
         control-plane)

@@ -8,6 +8,8 @@
 //!   loses nothing and counts nothing twice when it comes back;
 //! - ClickHouse stopped for 30 s under load loses nothing;
 //! - Redis restarted under load (AOF on) loses nothing the edge accepted;
+//! - an edge killed (SIGKILL) under load, with its click journal, loses no
+//!   click of a redirect that reached its client, and ships none twice;
 //! - two sinks in one group share the work and count each event once;
 //! - entries that are not events, and rows ClickHouse refuses, land in the
 //!   dead-letter stream and block nothing.
@@ -565,22 +567,28 @@ async fn a_sink_killed_between_insert_and_ack_counts_every_event_once() {
     );
     pipeline.migrate();
     let ids = pipeline.produce("killme", 100_000);
-    let redis_pid = pipeline.redis.pid().unwrap() as i32;
+    // Redis refuses XACK (an ACL change, which applies at once to open
+    // connections): the first batch lands in ClickHouse and its
+    // acknowledgement cannot be made, deterministically. Then kill the sink.
+    let deny_ack = |rule: &str| {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rule)
+            .query(&mut pipeline.redis_conn())
+            .unwrap();
+    };
+    deny_ack("-xack");
     let mut sink = pipeline
         .start_sink("sink-k", &[("SINK_BATCH_SIZE", "2000")])
         .await;
-
-    // Once rows are landing, freeze Redis: the batch being inserted lands in
-    // ClickHouse but its XACK cannot be answered. Then kill the sink.
     eventually(Duration::from_secs(20), "the first rows to land", || {
         let rows = pipeline.count("1");
         async move { (rows > 0).then_some(()) }
     })
     .await;
-    signal_process(redis_pid, libc::SIGSTOP);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     sink.process.kill();
-    signal_process(redis_pid, libc::SIGCONT);
+    deny_ack("+xack");
 
     let (stored, _) = pipeline.counts();
     let unacked = pipeline.pending();
@@ -600,15 +608,6 @@ async fn a_sink_killed_between_insert_and_ack_counts_every_event_once() {
     .await;
     // The restarted sink found rows of its pending entries already stored.
     assert!(sink.metric("analytics_sink_duplicates_skipped_total").await > 0.0);
-}
-
-fn signal_process(pid: i32, signal: i32) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,6 +779,189 @@ async fn redis_restarted_under_load_loses_no_click_the_edge_accepted() {
     .await;
     let (rows, distinct) = stack.pipeline.counts();
     assert_eq!((rows, distinct), (redirected, redirected));
+}
+
+/// The edge binary `cargo test --workspace` builds next to this test's.
+fn edge_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("edge-redirect");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build -p edge-redirect`) first",
+        binary.display()
+    );
+    binary
+}
+
+/// Every click event in the stream for `code`: its Referer, per entry.
+fn stream_referers(pipeline: &Pipeline, code: &str) -> Vec<String> {
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&pipeline.stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut pipeline.redis_conn())
+        .unwrap();
+    entries
+        .ids
+        .iter()
+        .filter(|entry| entry.get::<String>("code").as_deref() == Some(code))
+        .map(|entry| entry.get::<String>("ref").unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_under_load_loses_no_click_that_got_a_redirect() {
+    let stack = Arc::new(Stack::start(Arc::new(TestRedis::start())).await);
+    stack.pipeline.migrate();
+    let sink = stack.pipeline.start_sink("sink-e", &[]).await;
+    let code = stack.create().await;
+    let journal = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let spawn_edge = || {
+        let mut command = Command::new(edge_binary());
+        command
+            .env("EDGE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("EDGE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .env("REDIS_URL", stack.pipeline.redis.url())
+            .env("CONTROL_PLANE_URL", &stack.control_plane)
+            .env("CLICK_STREAM", &stack.pipeline.stream)
+            .env("EDGE_CLICK_JOURNAL_DIR", journal.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        ManagedProcess::spawn("edge-redirect", command, libc::SIGTERM)
+    };
+    let healthz = format!("http://127.0.0.1:{admin_port}/healthz");
+    let mut edge = spawn_edge();
+    until_http_status(&healthz, 200, Duration::from_secs(30)).await;
+
+    // 8 clients redirect as fast as they can, each request with a Referer
+    // of its own; a client notes the Referers of the redirects it received.
+    let target = "https://example.com/analytics";
+    let running = Arc::new(AtomicBool::new(true));
+    let received = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (code, running, received) = (code.clone(), running.clone(), received.clone());
+        let client = Client::builder()
+            .redirect(redirect::Policy::none())
+            .build()
+            .unwrap();
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while running.load(Ordering::Relaxed) {
+                n += 1;
+                let referer = format!("https://drill.test/{c}/{n}");
+                let response = client
+                    .get(format!("http://127.0.0.1:{port}/{code}"))
+                    .header("referer", &referer)
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status() == StatusCode::FOUND => {
+                        assert_eq!(r.headers()["location"], target);
+                        received.lock().unwrap().push(referer);
+                    }
+                    Ok(r) => panic!("unexpected {}", r.status()),
+                    // The edge is dead or restarting.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before_kill = received.lock().unwrap().len();
+    edge.kill();
+    let at_kill = received.lock().unwrap().len();
+    assert!(
+        before_kill > 100,
+        "only {before_kill} redirects before the kill"
+    );
+
+    // A restarted edge serves correctly at once.
+    let mut edge = spawn_edge();
+    until_http_status(&healthz, 200, Duration::from_secs(30)).await;
+    let first = Client::builder()
+        .redirect(redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{port}/{code}"))
+        .header("referer", "https://drill.test/first-after-restart")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::FOUND);
+    assert_eq!(first.headers()["location"], target);
+    received
+        .lock()
+        .unwrap()
+        .push("https://drill.test/first-after-restart".to_owned());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.store(false, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let received: Vec<String> = received.lock().unwrap().clone();
+    assert!(
+        received.len() > at_kill + 100,
+        "only {} redirects after the restart",
+        received.len() - at_kill
+    );
+
+    // Every received redirect is in the stream exactly once. The only other
+    // clicks are of requests the killed edge took but never answered (at
+    // most one per client).
+    let received_set: std::collections::HashSet<&String> = received.iter().collect();
+    assert_eq!(received_set.len(), received.len());
+    eventually(
+        Duration::from_secs(30),
+        "every received redirect shipped",
+        || {
+            let shipped: std::collections::HashSet<String> =
+                stream_referers(&stack.pipeline, &code)
+                    .into_iter()
+                    .collect();
+            let missing = received_set
+                .iter()
+                .filter(|r| !shipped.contains(**r))
+                .count();
+            async move { (missing == 0).then_some(()) }
+        },
+    )
+    .await;
+    edge.stop();
+    let shipped = stream_referers(&stack.pipeline, &code);
+    let mut seen = std::collections::HashSet::new();
+    for referer in &shipped {
+        assert!(seen.insert(referer), "{referer} shipped twice");
+    }
+    let unanswered = shipped.len() - received.len();
+    assert!(
+        unanswered <= 8,
+        "{unanswered} clicks nobody was answered for"
+    );
+    // Nothing is left in the journal.
+    let left: Vec<_> = std::fs::read_dir(journal.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?} left in the journal");
+
+    // And analytics counts each exactly once.
+    let path = format!("/analytics/{code}");
+    let expected = shipped.len() as u64;
+    eventually(Duration::from_secs(30), "every click counted", || {
+        let request = stack.analytics(&sink, &path, Some(ADMIN_KEY));
+        async move {
+            let (_, report) = request.await;
+            let clicks = report["clicks"].as_u64().unwrap_or(0);
+            assert!(clicks <= expected, "{clicks} clicks for {expected} events");
+            (clicks == expected).then_some(())
+        }
+    })
+    .await;
+    let (rows, distinct) = stack.pipeline.counts();
+    assert_eq!((rows, distinct), (expected, expected));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

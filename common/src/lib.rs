@@ -6,6 +6,7 @@
 //! This crate must stay free of web frameworks and database drivers: the edge
 //! depends on it and keeps its hot path lean.
 
+pub mod blocklist;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -4,6 +4,12 @@
 //! stored keys are found by their hash, so the time taken reveals nothing
 //! about any key. Valid keys are cached for 30 s: revoking one takes effect
 //! within that.
+//!
+//! Each key also has a request rate (`API_KEY_RATE_LIMIT` per second, bursts
+//! of twice that; the `governor` crate's GCRA): a key over it gets 429
+//! `rate_limited` with `Retry-After`, before any work is done. The gateway
+//! limits per client address as well; this limit follows the key wherever
+//! it comes from.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,21 +39,48 @@ pub fn generate_key() -> String {
     format!("sk_{}", hex::encode(bytes))
 }
 
+type KeyLimiter = governor::DefaultKeyedRateLimiter<i64>;
+
 pub struct ApiKeys {
     pool: PgPool,
+    limiter: Option<KeyLimiter>,
     bootstrap: Option<KeyHash>,
     bootstrap_id: tokio::sync::OnceCell<i64>,
     cache: Mutex<HashMap<KeyHash, (i64, Instant)>>,
 }
 
 impl ApiKeys {
-    pub fn new(pool: PgPool, bootstrap: Option<&str>) -> Self {
+    /// `rate_limit`: requests per second per key; 0 for no limit.
+    pub fn new(pool: PgPool, bootstrap: Option<&str>, rate_limit: u32) -> Self {
+        let limiter = std::num::NonZeroU32::new(rate_limit).map(|per_second| {
+            let burst = per_second.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+            governor::RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst))
+        });
         Self {
             pool,
+            limiter,
             bootstrap: bootstrap.map(hash_key),
             bootstrap_id: tokio::sync::OnceCell::new(),
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes one request from the key's allowance.
+    fn admit(&self, key_id: i64) -> Result<(), ApiError> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter.check_key(&key_id).map_err(|not_until| {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            metrics::counter!("control_plane_rate_limited_total").increment(1);
+            ApiError::RateLimited(wait.as_secs() + 1)
+        })?;
+        // Forget idle keys now and then so the table stays small.
+        if limiter.len() > 10_000 {
+            limiter.retain_recent();
+        }
+        Ok(())
     }
 
     /// The key id behind a presented key, if it is valid.
@@ -123,7 +156,10 @@ impl<'r> FromRequest<'r> for Authenticated {
             return Outcome::Error((Status::Unauthorized, ApiError::Unauthorized));
         };
         match keys.authenticate(token).await {
-            Ok(Some(key_id)) => Outcome::Success(Self { key_id }),
+            Ok(Some(key_id)) => match keys.admit(key_id) {
+                Ok(()) => Outcome::Success(Self { key_id }),
+                Err(error) => Outcome::Error((error.status(), error)),
+            },
             Ok(None) => Outcome::Error((Status::Unauthorized, ApiError::Unauthorized)),
             Err(error) => Outcome::Error((error.status(), error)),
         }

@@ -33,6 +33,19 @@ pub struct Config {
     pub public_host: String,
     /// `ADMIN_API_KEY` or `ADMIN_API_KEY_FILE`, optional: the bootstrap key.
     pub admin_api_key: Option<Secret>,
+    /// `BLOCKLIST_FILE`, optional: links to these domains (one per line,
+    /// subdomains included; see `shortener_common::blocklist`) are refused
+    /// with 422 `blocked_domain`. The edge reads the same file and answers
+    /// 410 for links made before a domain was listed.
+    pub blocklist_file: Option<std::path::PathBuf>,
+    /// `BLOCKLIST_RELOAD_MS`, default 1000: how often the file is checked
+    /// for changes.
+    pub blocklist_reload: Duration,
+    /// `API_KEY_RATE_LIMIT`, default 100: admin requests per second allowed
+    /// to each API key (with bursts of twice that); more answer 429
+    /// `rate_limited` with `Retry-After`. 0 turns the limit off. Per
+    /// process: with N replicas a key gets up to N times this.
+    pub key_rate_limit: u32,
     /// `SHUTDOWN_DRAIN_MS`, default 10000.
     pub drain: Duration,
     /// `LOG_FORMAT`, `text` (default) or `json`.
@@ -81,6 +94,9 @@ impl Config {
         {
             env.problem("ADMIN_API_KEY must be at least 16 characters");
         }
+        let blocklist_file = env.parse_opt("BLOCKLIST_FILE");
+        let blocklist_reload_ms: u64 = env.parse_or("BLOCKLIST_RELOAD_MS", 1_000);
+        let key_rate_limit: u32 = env.parse_or("API_KEY_RATE_LIMIT", 100);
         let drain_ms: u64 = env.parse_or("SHUTDOWN_DRAIN_MS", 10_000);
         let log_format = env.parse_or("LOG_FORMAT", LogFormat::Text);
         env.finish()?;
@@ -96,6 +112,9 @@ impl Config {
             public_base_url,
             public_host,
             admin_api_key,
+            blocklist_file,
+            blocklist_reload: Duration::from_millis(blocklist_reload_ms.max(10)),
+            key_rate_limit,
             drain: Duration::from_millis(drain_ms),
             log_format,
         })

@@ -26,6 +26,8 @@ pub enum ApiError {
     PayloadTooLarge(u64),
     #[error("{1}")]
     Unavailable(&'static str, String),
+    #[error("this API key is over its request rate; retry after {0} s")]
+    RateLimited(u64),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -52,6 +54,7 @@ impl ApiError {
             Self::Unprocessable(..) => Status::UnprocessableEntity,
             Self::PayloadTooLarge(_) => Status::PayloadTooLarge,
             Self::Unavailable(..) => Status::ServiceUnavailable,
+            Self::RateLimited(_) => Status::TooManyRequests,
             Self::Internal(_) => Status::InternalServerError,
         }
     }
@@ -65,6 +68,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::RateLimited(_) => "rate_limited",
             Self::Internal(_) => "internal",
         };
         let message = match self {
@@ -112,6 +116,9 @@ impl<'r> Responder<'r, 'static> for ApiError {
             .sized_body(body.len(), Cursor::new(body));
         if matches!(self, Self::Unauthorized) {
             response.header(Header::new("WWW-Authenticate", "Bearer"));
+        }
+        if let Self::RateLimited(seconds) = self {
+            response.header(Header::new("Retry-After", seconds.to_string()));
         }
         response.ok()
     }

@@ -22,6 +22,7 @@ use std::time::Instant;
 use anyhow::Context;
 use rocket::fairing::{AdHoc, Fairing, Info, Kind};
 use rocket::{Build, Rocket};
+use shortener_common::blocklist::BlocklistFile;
 use shortener_common::ops::Dependency;
 
 pub use config::Config;
@@ -47,6 +48,21 @@ pub struct AppState {
     pub relay_kick: Arc<relay::Kick>,
     pub redis: shortener_common::redis_conn::LazyRedis,
     pub keygen_dependency: Dependency,
+    /// `BLOCKLIST_FILE`, when set.
+    pub blocklist: Option<Arc<BlocklistFile>>,
+}
+
+impl AppState {
+    /// Refuses a target whose domain is on the blocklist.
+    pub fn check_blocklist(&self, url: &str) -> Result<(), ApiError> {
+        match &self.blocklist {
+            Some(list) if list.current().blocks_url(url) => Err(ApiError::Unprocessable(
+                "blocked_domain",
+                "links to this domain are not allowed on this shortener".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Request rate, errors and latency per route (RED).
@@ -100,6 +116,12 @@ pub fn build(config: &Config) -> anyhow::Result<Rocket<Build>> {
         let applied = db::migrate(&mut conn)?;
         tracing::info!(?applied, "migrations applied");
     }
+    // The watcher keeps `current()` fresh; nothing else needs telling.
+    let blocklist = BlocklistFile::open_watched(
+        config.blocklist_file.as_deref(),
+        config.blocklist_reload,
+        |_| {},
+    )?;
     let relay = relay::Relay::start(pool.clone(), config.redis_url.expose().to_owned());
     let state = Arc::new(AppState {
         pool: pool.clone(),
@@ -110,8 +132,13 @@ pub fn build(config: &Config) -> anyhow::Result<Rocket<Build>> {
         redis: shortener_common::redis_conn::LazyRedis::new(config.redis_url.expose())
             .context("REDIS_URL is not a valid Redis URL")?,
         keygen_dependency: Dependency::new("keygen", &config.keygen_url),
+        blocklist,
     });
-    let api_keys = auth::ApiKeys::new(pool, config.admin_api_key.as_ref().map(|k| k.expose()));
+    let api_keys = auth::ApiKeys::new(
+        pool,
+        config.admin_api_key.as_ref().map(|k| k.expose()),
+        config.key_rate_limit,
+    );
 
     let figment = rocket::Config::figment()
         .merge(("address", config.addr.ip()))

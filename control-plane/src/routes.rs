@@ -259,6 +259,7 @@ async fn create_link(
     let request: CreateRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::BadRequest("invalid_json", format!("request body: {e}")))?;
     let create = Arc::new(CreateLink::parse(request, &state.public_host)?);
+    state.check_blocklist(create.url.as_str())?;
 
     // A generated code can collide with an alias someone chose; take another.
     for _ in 0..5 {
@@ -438,6 +439,9 @@ pub async fn patch_link(
             .map_err(ApiError::bad_request)?,
         disabled: request.disabled,
     };
+    if let Some(url) = &changes.url {
+        state.check_blocklist(url)?;
+    }
     let pool = state.pool.clone();
     let link = blocking(move || Ok(db::update_link(&mut *pool.get()?, code.as_str(), &changes)?))
         .await?

@@ -160,6 +160,16 @@ impl TestApp {
             .collect()
     }
 
+    /// The served OpenAPI document.
+    async fn openapi(&self) -> Value {
+        reqwest::get(self.url("/openapi.json"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     fn sql(&self, sql: &str) -> String {
         TestPostgres::shared().psql_on(&self.database_url, sql)
     }
@@ -308,34 +318,57 @@ async fn bad_input_is_refused_with_a_clear_error_and_stores_nothing() {
     assert_eq!(app.sql("SELECT count(*) FROM link_outbox"), "0");
 }
 
+/// Every operation of the OpenAPI document that does not opt out of the
+/// global `bearer` requirement, with its path parameters filled in.
+fn secured_operations(doc: &Value, code: &str) -> Vec<(Method, String, bool)> {
+    let mut operations = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            // Path items also hold `parameters`, `summary` and the like.
+            let method = match method.as_str() {
+                "get" => Method::GET,
+                "post" => Method::POST,
+                "put" => Method::PUT,
+                "patch" => Method::PATCH,
+                "delete" => Method::DELETE,
+                _ => continue,
+            };
+            if operation.get("security") == Some(&json!([])) {
+                continue;
+            }
+            let has_body = operation.get("requestBody").is_some();
+            operations.push((method, path.replace("{code}", code), has_body));
+        }
+    }
+    operations
+}
+
 #[tokio::test]
 async fn every_admin_route_needs_a_valid_key() {
     let app = TestApp::spawn().await;
     let (_, link) = app.shorten(json!({"url": "https://example.com"})).await;
     let code = link["code"].as_str().unwrap().to_owned();
-    let routes = [
-        (
-            Method::POST,
-            "/shorten".to_owned(),
-            Some(json!({"url": "https://example.com"})),
-        ),
-        (Method::GET, "/links".to_owned(), None),
-        (Method::GET, format!("/links/{code}"), None),
-        (
-            Method::PATCH,
-            format!("/links/{code}"),
-            Some(json!({"disabled": true})),
-        ),
-        (Method::DELETE, format!("/links/{code}"), None),
-    ];
-    for (method, path, body) in &routes {
+    // The routes come from the served OpenAPI document (which another test
+    // holds equal to the real routes), so a new admin route is covered the
+    // day it is added.
+    let doc = app.openapi().await;
+    let routes = secured_operations(&doc, &code);
+    let names: HashSet<String> = routes.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    for expected in ["POST /shorten", "GET /links", "DELETE /links/"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(expected)),
+            "{expected} missing from {names:?}"
+        );
+    }
+    for (method, path, has_body) in &routes {
         for key in [None, Some("wrong-key-wrong-key-wrong"), Some("")] {
             let mut request = app.client.request(method.clone(), app.url(path));
             if let Some(key) = key {
                 request = request.header("Authorization", format!("Bearer {key}"));
             }
-            if let Some(body) = body {
-                request = request.json(body);
+            if *has_body {
+                // A body that would succeed with a key.
+                request = request.json(&json!({"url": "https://example.com/changed"}));
             }
             let response = request.send().await.unwrap();
             assert_eq!(response.status(), 401, "{method} {path} with {key:?}");
@@ -346,7 +379,7 @@ async fn every_admin_route_needs_a_valid_key() {
     }
     // Nothing changed.
     assert_eq!(
-        app.sql("SELECT count(*) FROM links WHERE NOT disabled"),
+        app.sql("SELECT count(*) FROM links WHERE NOT disabled AND url = 'https://example.com/'"),
         "1"
     );
 
@@ -372,6 +405,134 @@ async fn every_admin_route_needs_a_valid_key() {
         app.sql("SELECT count(*) FROM api_keys WHERE name = 'ci'"),
         "1"
     );
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_and_other_keys_are_unaffected() {
+    // 5 requests a second, bursts of 10.
+    let app = TestApp::spawn_with(
+        &TestPostgres::shared().create_database(),
+        &[("API_KEY_RATE_LIMIT", "5")],
+    )
+    .await;
+    let output = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .args(["api-key", "create", "--name", "other"])
+        .env_clear()
+        .envs(app.env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let other = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+
+    let mut created = 0;
+    let mut limited = None;
+    for i in 0..40 {
+        let response = app
+            .client
+            .post(app.url("/shorten"))
+            .bearer_auth(ADMIN_KEY)
+            .json(&json!({"url": format!("https://example.com/{i}")}))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            201 => created += 1,
+            429 => {
+                let retry_after: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let body: Value = response.json().await.unwrap();
+                assert_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &body,
+                    StatusCode::TOO_MANY_REQUESTS,
+                );
+                assert_eq!(body["error"]["code"], "rate_limited");
+                limited = Some(retry_after);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let retry_after = limited.expect("40 requests at once were never limited");
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    // The burst got through, the rest did not, and a refused create stored
+    // nothing.
+    assert!((10..=13).contains(&created), "{created} created");
+    assert_eq!(app.sql("SELECT count(*) FROM links"), created.to_string());
+    // Another key has its own allowance.
+    let (status, _) = app.call(Method::GET, "/links", None, Some(&other)).await;
+    assert_eq!(status, 200);
+    // Unauthenticated requests are refused as such, not counted as the key's.
+    let (status, _) = app.call(Method::GET, "/links", None, None).await;
+    assert_eq!(status, 401);
+    // After the advertised wait the key works again.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let (status, _) = app.call(Method::GET, "/links", None, Some(ADMIN_KEY)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn links_to_blocklisted_domains_are_refused_and_the_list_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("blocklist.txt");
+    std::fs::write(&list, "# known phishing\nphish.example\n").unwrap();
+    let app = TestApp::spawn_with(
+        &TestPostgres::shared().create_database(),
+        &[
+            ("BLOCKLIST_FILE", list.to_str().unwrap()),
+            ("BLOCKLIST_RELOAD_MS", "100"),
+        ],
+    )
+    .await;
+    for url in [
+        "https://phish.example/login",
+        "http://WWW.Phish.Example./x",
+        "https://a.b.phish.example:8443/",
+    ] {
+        let (status, body) = app.shorten(json!({ "url": url })).await;
+        assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body["error"]["code"], "blocked_domain", "{url}");
+    }
+    assert_eq!(app.sql("SELECT count(*) FROM links"), "0");
+
+    // Only the listed domain and its subdomains.
+    let (status, link) = app
+        .shorten(json!({"url": "https://notphish.example/"}))
+        .await;
+    assert_eq!(status, 201, "{link}");
+    let code = link["code"].as_str().unwrap().to_owned();
+    // Changing a link's target to a listed domain is refused too, and
+    // changes nothing.
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &format!("/links/{code}"),
+            Some(json!({"url": "https://phish.example/", "disabled": true})),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        app.sql("SELECT url || ' ' || disabled FROM links"),
+        "https://notphish.example/ false"
+    );
+
+    // The file is edited: the new domain is refused within the reload time.
+    std::fs::write(&list, "phish.example\nscam.example\n").unwrap();
+    eventually(Duration::from_secs(5), "scam.example to be refused", || {
+        let create = app.shorten(json!({"url": "https://scam.example/"}));
+        async move { (create.await.0 == StatusCode::UNPROCESSABLE_ENTITY).then_some(()) }
+    })
+    .await;
+    // (Polls before the reload made links; from now on none is made.)
+    let before = app.sql("SELECT count(*) FROM links");
+    let (status, body) = app
+        .shorten(json!({"url": "https://www.scam.example/"}))
+        .await;
+    assert_eq!(body["error"]["code"], "blocked_domain", "{status} {body}");
+    assert_eq!(app.sql("SELECT count(*) FROM links"), before);
 }
 
 #[tokio::test]
@@ -851,12 +1012,7 @@ async fn operations_routes_and_the_openapi_document_match_the_real_routes() {
         "{metrics}"
     );
 
-    let doc: Value = reqwest::get(app.url("/openapi.json"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = app.openapi().await;
     assert_eq!(doc["openapi"], "3.0.3");
     let mut documented = HashSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {

@@ -2,7 +2,8 @@
 //! edge-redirect`, part of `make bench`).
 //!
 //! 1. 100,000 links are created through the control plane's API.
-//! 2. The edge (release binary, click events on) and a second edge with click
+//! 2. The edge (release binary, click events on), the same with its click
+//!    journal on (`EDGE_CLICK_JOURNAL_DIR`) and a third edge with click
 //!    events off warm their caches with every code; nginx gets the same
 //!    codes in a `map` answered with
 //!    `return 302 $target;` (`worker_processes auto`, no access log; codes
@@ -260,6 +261,8 @@ async fn run() {
             ("REDIS_URL", redis.url()),
             ("KEYGEN_GRPC_URL", keygen.grpc_url()),
             ("ADMIN_API_KEY", ADMIN_KEY.into()),
+            // 100,000 creates as fast as they go: no per-key limit here.
+            ("API_KEY_RATE_LIMIT", "0".into()),
             ("RUN_MIGRATIONS", "true".into()),
             ("RUST_LOG", "error".into()),
         ]))
@@ -318,6 +321,15 @@ async fn run() {
     // 2. The edge, warmed with every code.
     let (edge_port, edge_admin) = (free_port(), free_port());
     let edge = start_edge(&redis, &control_plane, edge_port, edge_admin, &[]);
+    let (journal_port, journal_admin) = (free_port(), free_port());
+    let journal_dir = dir.path().join("journal");
+    let edge_journal = start_edge(
+        &redis,
+        &control_plane,
+        journal_port,
+        journal_admin,
+        &[("EDGE_CLICK_JOURNAL_DIR", journal_dir.to_str().unwrap())],
+    );
     let (off_port, off_admin) = (free_port(), free_port());
     let edge_off = start_edge(
         &redis,
@@ -326,7 +338,7 @@ async fn run() {
         off_admin,
         &[("EDGE_CLICK_EVENTS", "false")],
     );
-    for admin in [edge_admin, off_admin] {
+    for admin in [edge_admin, journal_admin, off_admin] {
         until_http_status(
             &format!("http://127.0.0.1:{admin}/healthz"),
             200,
@@ -339,6 +351,7 @@ async fn run() {
         .build()
         .unwrap();
     warm(&plain, edge_port, &links).await;
+    warm(&plain, journal_port, &links).await;
     warm(&plain, off_port, &links).await;
 
     // nginx with the same mappings.
@@ -408,9 +421,16 @@ async fn run() {
     let redis_pids: Vec<u32> = redis.pid().into_iter().collect();
     let nginx_all = nginx_pids(nginx.pid());
     let mut edge_rounds = Vec::new();
+    let mut journal_rounds = Vec::new();
     let mut off_rounds = Vec::new();
     let mut nginx_rounds = Vec::new();
     for _ in 0..ROUNDS {
+        journal_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{journal_port}"),
+            &script,
+            &[edge_journal.pid()],
+            &redis_pids,
+        ));
         edge_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{edge_port}"),
             &script,
@@ -445,6 +465,7 @@ async fn run() {
             .map(|r| r.side_cpu_us_per_request)
             .collect(),
     );
+    let (j_rps, j_p50, j_p99, j_cpu) = summary(&journal_rounds);
     let (o_rps, o_p50, o_p99, o_cpu) = summary(&off_rounds);
     let (n_rps, n_p50, n_p99, n_cpu) = summary(&nginx_rounds);
     let events: i64 = redis::cmd("XLEN")
@@ -543,6 +564,9 @@ async fn run() {
         "  edge (click events on):  {e_rps:>9.0} req/s  p50 {e_p50:.2} ms  p99 {e_p99:.2} ms  CPU {e_cpu:.1} us/redirect"
     );
     println!(
+        "  edge (events + journal): {j_rps:>9.0} req/s  p50 {j_p50:.2} ms  p99 {j_p99:.2} ms  CPU {j_cpu:.1} us/redirect"
+    );
+    println!(
         "  edge (click events off): {o_rps:>9.0} req/s  p50 {o_p50:.2} ms  p99 {o_p99:.2} ms  CPU {o_cpu:.1} us/redirect"
     );
     println!(
@@ -558,6 +582,11 @@ async fn run() {
         "  click events on/off: throughput {:.2}x, CPU per redirect {:.2}x in the edge, plus {e_redis_cpu:.1} us/redirect in Redis; {events} events in the stream",
         e_rps / o_rps,
         e_cpu / o_cpu
+    );
+    println!(
+        "  click journal (EDGE_CLICK_JOURNAL_DIR) on/off: throughput {:.2}x, CPU per redirect {:.2}x",
+        j_rps / e_rps,
+        j_cpu / e_cpu
     );
     println!(
         "  empty cache (every request a Redis GET): {:.0} req/s, edge CPU {:.1} us + Redis CPU {:.1} us per redirect; redis-benchmark GET -c64: {redis_get_rps:.0} req/s [reference]; ratio {:.2}x",

@@ -32,6 +32,8 @@ pub enum Target {
     },
     /// The link exists but is disabled: 410.
     Disabled,
+    /// The link's destination is on the domain blocklist: 410.
+    Blocked,
     /// No such link (or deleted): 404.
     Missing,
 }
@@ -165,6 +167,21 @@ impl Cache {
         self.map.clear();
     }
 
+    /// After the blocklist changed: drops every redirect to a domain now
+    /// blocked and every entry blocked before (the list may have let it
+    /// go), so the next request resolves them against the new list. Lookups
+    /// already running checked the old list, so they are not cached.
+    pub fn drop_blocklisted(&self, list: &shortener_common::blocklist::Blocklist) {
+        self.cleared.fetch_add(1, Ordering::AcqRel);
+        self.map.retain(|_, entry| match &entry.target {
+            Target::Redirect { location, .. } => {
+                location.to_str().map_or(true, |url| !list.blocks_url(url))
+            }
+            Target::Blocked => false,
+            Target::Disabled | Target::Missing => true,
+        });
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -247,6 +264,25 @@ mod tests {
         cache.clear();
         cache.insert_if_current("c", redirect("https://example.com/c"), before_clear);
         assert_eq!(cache.get("c"), None);
+    }
+
+    #[test]
+    fn a_blocklist_change_drops_what_it_blocks_and_what_it_no_longer_does() {
+        let cache = Cache::new(10, Duration::from_secs(60), Duration::from_secs(60));
+        cache.insert("bad", redirect("https://www.evil.example/login"));
+        cache.insert("good", redirect("https://good.example/"));
+        cache.insert("was", Target::Blocked);
+        cache.insert("off", Target::Disabled);
+        let running = cache.epoch("late");
+        let list = shortener_common::blocklist::Blocklist::parse("evil.example\n");
+        cache.drop_blocklisted(&list);
+        assert_eq!(cache.get("bad"), None);
+        assert_eq!(cache.get("was"), None);
+        assert!(cache.get("good").is_some());
+        assert_eq!(cache.get("off"), Some(Target::Disabled));
+        // A lookup that began under the old list is not cached.
+        cache.insert_if_current("late", redirect("https://evil.example/"), running);
+        assert_eq!(cache.get("late"), None);
     }
 
     #[test]

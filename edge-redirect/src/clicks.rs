@@ -33,14 +33,16 @@ use shortener_common::event::STREAM_FIELDS;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{mpsc, watch};
 
+use crate::journal::{Journal, JournalShipping};
+
 /// Most clicks written by one script call: bounds how long Redis is busy
 /// with one batch (a few milliseconds).
-const MAX_BATCH: usize = 2_000;
+pub(crate) const MAX_BATCH: usize = 2_000;
 /// How long an edge's batch-number key outlives its last batch.
-const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3_600;
+pub(crate) const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3_600;
 /// Backoff between retries while Redis is unreachable.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_MIN: Duration = Duration::from_millis(50);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(1);
 
 pub struct RawClick {
     pub event_id: u128,
@@ -69,32 +71,59 @@ impl RawClick {
     /// The click's stream field values in one allocation (about 250 bytes
     /// for a browser click), so a long backlog stays small in memory.
     fn encode(self) -> Encoded {
-        let fields = self.into_event().to_stream_fields();
-        let total: usize = fields.iter().map(|(_, v)| v.len()).sum();
-        let mut bytes = Vec::with_capacity(total);
-        let mut ends = [0u16; 7];
-        for (i, (_, value)) in fields.iter().enumerate() {
-            // Header values are bounded by EDGE_MAX_HEADER_BYTES (< 64 KiB);
-            // cut defensively rather than wrap.
-            let room = (u16::MAX as usize).saturating_sub(bytes.len());
-            bytes.extend_from_slice(&value.as_bytes()[..value.len().min(room)]);
-            ends[i] = bytes.len() as u16;
-        }
+        let mut bytes = Vec::with_capacity(256);
+        let ends = self.write_values(&mut bytes);
         Encoded {
             bytes: bytes.into_boxed_slice(),
             ends,
         }
     }
+
+    /// Appends the seven stream field values to `out`, exactly as
+    /// [`ClickEvent::to_stream_fields`] writes them, without building the
+    /// event; returns where each ends, counted from where it started.
+    pub(crate) fn write_values(&self, out: &mut Vec<u8>) -> [u16; 7] {
+        use std::io::Write;
+        let start = out.len();
+        let mut ends = [0u16; 7];
+        fn text(v: &Option<HeaderValue>) -> &[u8] {
+            v.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map_or(&[], str::as_bytes)
+        }
+        for (i, end) in ends.iter_mut().enumerate() {
+            let before = out.len();
+            let _ = match i {
+                0 => write!(out, "{:032x}", self.event_id),
+                1 => out.write_all(self.code.as_bytes()),
+                2 => write!(out, "{}", self.ts_ms),
+                3 => write!(out, "{}", self.ip),
+                4 => out.write_all(text(&self.user_agent)),
+                5 => out.write_all(text(&self.referer)),
+                _ => out.write_all(text(&self.accept_language)),
+            };
+            // Header values are bounded by EDGE_MAX_HEADER_BYTES (< 64 KiB);
+            // cut defensively rather than wrap.
+            let room = (u16::MAX as usize).saturating_sub(before - start);
+            out.truncate(before + (out.len() - before).min(room));
+            *end = (out.len() - start) as u16;
+        }
+        ends
+    }
 }
 
 /// One click's stream field values, back to back.
-struct Encoded {
+pub(crate) struct Encoded {
     bytes: Box<[u8]>,
     ends: [u16; 7],
 }
 
 impl Encoded {
-    fn values(&self) -> impl Iterator<Item = &[u8]> {
+    pub(crate) fn from_parts(bytes: Box<[u8]>, ends: [u16; 7]) -> Self {
+        Self { bytes, ends }
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &[u8]> {
         let mut start = 0usize;
         self.ends.iter().map(move |&end| {
             let value = &self.bytes[start..end as usize];
@@ -113,10 +142,16 @@ pub struct ShipperConfig {
     pub max_len: u64,
     /// Clicks held in memory at most (`EDGE_CLICK_QUEUE`).
     pub capacity: usize,
+    /// Bytes the journal may hold while Redis is away
+    /// (`EDGE_CLICK_JOURNAL_MAX_BYTES`), when there is a journal.
+    pub journal_max_bytes: u64,
 }
 
 #[derive(Clone)]
 pub struct ClickQueue {
+    /// Where clicks go first when there is a journal (the channel is then
+    /// unused).
+    journal: Option<Arc<Journal>>,
     tx: mpsc::UnboundedSender<RawClick>,
     /// Clicks pushed and not yet shipped or dropped (channel and shipper).
     depth: Arc<AtomicUsize>,
@@ -141,24 +176,48 @@ impl Shipper {
 
 impl ClickQueue {
     /// A queue and its shipper task. With `redis` absent, clicks are only
-    /// counted (click events switched off).
-    pub fn start(redis: Option<LazyRedis>, config: ShipperConfig) -> (Self, Shipper) {
+    /// counted (click events switched off). With a `journal`, clicks are
+    /// written to it and shipped from it.
+    pub fn start(
+        redis: Option<LazyRedis>,
+        journal: Option<Arc<Journal>>,
+        config: ShipperConfig,
+    ) -> (Self, Shipper) {
         let (tx, rx) = mpsc::unbounded_channel::<RawClick>();
         let depth = Arc::new(AtomicUsize::new(0));
         let (stop_tx, stop_rx) = watch::channel(None);
         let dropped = metrics::counter!("edge_click_events_dropped_total");
-        let shipping = Shipping {
-            rx,
-            redis: redis.map(Arc::new),
-            config,
-            depth: depth.clone(),
-            dropped: dropped.clone(),
-            pending: VecDeque::new(),
-            stop: stop_rx,
+        let journal = if redis.is_some() { journal } else { None };
+        let task = match (&journal, redis) {
+            (Some(journal), Some(redis)) => tokio::spawn(
+                JournalShipping {
+                    journal: journal.clone(),
+                    redis: Arc::new(redis),
+                    stream: config.stream.clone(),
+                    max_len: config.max_len,
+                    max_bytes: config.journal_max_bytes,
+                    rotate_bytes: crate::journal::ROTATE_BYTES,
+                    stop: stop_rx,
+                    dropped: dropped.clone(),
+                }
+                .run(),
+            ),
+            (_, redis) => tokio::spawn(
+                Shipping {
+                    rx,
+                    redis: redis.map(Arc::new),
+                    config,
+                    depth: depth.clone(),
+                    dropped: dropped.clone(),
+                    pending: VecDeque::new(),
+                    stop: stop_rx,
+                }
+                .run(),
+            ),
         };
-        let task = tokio::spawn(shipping.run());
         (
             Self {
+                journal,
                 tx,
                 depth,
                 accepted: metrics::counter!("edge_click_events_total"),
@@ -173,12 +232,31 @@ impl ClickQueue {
 
     pub fn push(&self, click: RawClick) {
         self.accepted.increment(1);
+        if let Some(journal) = &self.journal {
+            if let Err(error) = journal.append(&click) {
+                self.dropped.increment(1);
+                journal_write_failed(&error);
+            }
+            return;
+        }
         self.depth.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(click).is_err() {
             // The shipper has stopped (shutdown): nothing will ship it.
             self.depth.fetch_sub(1, Ordering::Relaxed);
             self.dropped.increment(1);
         }
+    }
+}
+
+/// Logs a failed journal write: the first, then one in 10,000 (a full disk
+/// fails every write).
+fn journal_write_failed(error: &std::io::Error) {
+    static FAILURES: AtomicUsize = AtomicUsize::new(0);
+    if FAILURES
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(10_000)
+    {
+        tracing::error!(%error, "cannot write a click to the journal; it is lost");
     }
 }
 
@@ -198,7 +276,7 @@ struct Shipping {
 /// max length, batch number, key TTL, then seven values per click in
 /// `STREAM_FIELDS` order. Returns the clicks added (0 for a batch already
 /// written).
-fn script() -> redis::Script {
+pub(crate) fn script() -> redis::Script {
     let pairs: Vec<String> = STREAM_FIELDS
         .iter()
         .enumerate()

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
+use shortener_common::blocklist::BlocklistFile;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
@@ -67,18 +68,24 @@ pub enum LookupError {
 
 pub struct Resolver {
     redis: LazyRedis,
+    blocklist: Option<Arc<BlocklistFile>>,
     control_plane: String,
     http: Client<HttpConnector, Empty<Bytes>>,
     inflight: DashMap<Box<str>, Arc<OnceCell<Result<Target, LookupError>>>>,
 }
 
 impl Resolver {
-    pub fn new(redis: LazyRedis, control_plane: String) -> Self {
+    pub fn new(
+        redis: LazyRedis,
+        control_plane: String,
+        blocklist: Option<Arc<BlocklistFile>>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         Self {
             redis,
+            blocklist,
             control_plane: control_plane.trim_end_matches('/').to_owned(),
             http: Client::builder(TokioExecutor::new()).build(connector),
             inflight: DashMap::new(),
@@ -115,7 +122,20 @@ impl Resolver {
         result
     }
 
+    /// The stored answer, unless its destination is on the blocklist.
     async fn fetch(&self, code: &str) -> Result<Target, LookupError> {
+        let target = self.fetch_stored(code).await?;
+        if let (Target::Redirect { location, .. }, Some(blocklist)) = (&target, &self.blocklist)
+            && blocklist
+                .current()
+                .blocks_url(location.to_str().unwrap_or_default())
+        {
+            return Ok(Target::Blocked);
+        }
+        Ok(target)
+    }
+
+    async fn fetch_stored(&self, code: &str) -> Result<Target, LookupError> {
         metrics::counter!("edge_redis_lookups_total").increment(1);
         let key = format!("link:{code}");
         match self

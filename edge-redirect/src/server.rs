@@ -28,6 +28,8 @@ static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const NOT_FOUND: &[u8] = br#"{"error":{"code":"not_found","message":"no link has this code"}}"#;
 const GONE: &[u8] =
     br#"{"error":{"code":"gone","message":"this link has expired or been disabled"}}"#;
+const BLOCKED: &[u8] =
+    br#"{"error":{"code":"blocked","message":"this link's destination has been blocked"}}"#;
 const BAD_METHOD: &[u8] =
     br#"{"error":{"code":"method_not_allowed","message":"only GET and HEAD are served"}}"#;
 const UNAVAILABLE: &[u8] = br#"{"error":{"code":"unavailable","message":"the link cannot be looked up right now; retry shortly"}}"#;
@@ -218,6 +220,7 @@ impl Edge {
                 response
             }
             Target::Disabled => respond(StatusCode::GONE, &JSON, GONE, head),
+            Target::Blocked => respond(StatusCode::GONE, &JSON, BLOCKED, head),
             Target::Missing => respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head),
         }
     }

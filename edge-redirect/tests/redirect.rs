@@ -34,13 +34,19 @@ impl Stack {
 
     /// A stack whose edge gets `extra` environment on top of the defaults.
     async fn start_with(extra: &[(&str, &str)]) -> Self {
+        Self::start_on(TestPostgres::shared().create_database(), extra).await
+    }
+
+    /// A stack whose control plane uses the database at `database_url`.
+    async fn start_on(database_url: String, extra: &[(&str, &str)]) -> Self {
         let redis = TestRedis::start();
         let keygen = InProcessKeygen::start().await;
 
         let cp_port = free_port();
         let cp_config = control_plane::Config::from_env(shortener_common::Env::from_pairs([
             ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-            ("DATABASE_URL", TestPostgres::shared().create_database()),
+            ("DATABASE_URL", database_url),
+            ("DATABASE_TIMEOUT_MS", "500".into()),
             ("REDIS_URL", redis.url()),
             ("KEYGEN_GRPC_URL", keygen.grpc_url()),
             ("ADMIN_API_KEY", ADMIN_KEY.into()),
@@ -380,6 +386,130 @@ async fn changes_reach_the_edge_within_a_second() {
     stack
         .until_status(&path, StatusCode::NOT_FOUND, Duration::from_secs(1))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_added_to_the_blocklist_answers_410_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("blocklist.txt");
+    std::fs::write(&list, "# nothing blocked yet\n").unwrap();
+    let stack = Stack::start_with(&[
+        ("BLOCKLIST_FILE", list.to_str().unwrap()),
+        ("BLOCKLIST_RELOAD_MS", "100"),
+    ])
+    .await;
+    // Made before the domain was listed (the control plane here has no list).
+    let bad = format!(
+        "/{}",
+        stack
+            .create(json!({"url": "https://www.phish.example/login"}))
+            .await
+    );
+    let good = format!(
+        "/{}",
+        stack.create(json!({"url": "https://fine.example/"})).await
+    );
+    // Both redirect, and both are now in the edge's cache.
+    assert_eq!(stack.get(&bad).await.0, StatusCode::FOUND);
+    assert_eq!(stack.get(&good).await.0, StatusCode::FOUND);
+
+    std::fs::write(&list, "phish.example\n").unwrap();
+    let listed = Instant::now();
+    stack
+        .until_status(&bad, StatusCode::GONE, Duration::from_secs(5))
+        .await;
+    assert!(
+        listed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        listed.elapsed()
+    );
+    let (status, location, body) = stack.get(&bad).await;
+    assert_eq!(status, StatusCode::GONE);
+    assert_eq!(location, None);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "blocked");
+    assert_eq!(
+        stack.get(&good).await.1.as_deref(),
+        Some("https://fine.example/")
+    );
+    // A link the edge has never seen is checked as it is looked up.
+    let fresh = format!(
+        "/{}",
+        stack
+            .create(json!({"url": "https://phish.example/other"}))
+            .await
+    );
+    assert_eq!(stack.get(&fresh).await.0, StatusCode::GONE);
+
+    // Off the list again: the links redirect again.
+    std::fs::write(&list, "\n").unwrap();
+    stack
+        .until_status(&bad, StatusCode::FOUND, Duration::from_secs(5))
+        .await;
+    assert_eq!(stack.get(&fresh).await.0, StatusCode::FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_down_existing_links_redirect_and_every_click_ships() {
+    let mut pg = TestPostgres::start();
+    let stack = Stack::start_on(pg.create_database(), &[]).await;
+    let cached = stack
+        .create(json!({"url": "https://example.com/cached"}))
+        .await;
+    let in_redis = stack
+        .create(json!({"url": "https://example.com/redis"}))
+        .await;
+    stack.until_mapping_in_redis(&in_redis).await;
+    assert_eq!(stack.get(&format!("/{cached}")).await.0, StatusCode::FOUND);
+    let mut conn = stack.redis_conn();
+    until_stream_len(&mut conn, 1).await;
+
+    pg.stop();
+    // Creates fail fast; redirects of existing links go on, from the edge's
+    // cache and from Redis, and each is one click event.
+    let started = Instant::now();
+    let response = stack
+        .api
+        .post(format!("{}/shorten", stack.control_plane))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"url": "https://example.com/during"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut redirects = 0;
+    for _ in 0..50 {
+        for (code, target) in [
+            (&cached, "https://example.com/cached"),
+            (&in_redis, "https://example.com/redis"),
+        ] {
+            let (status, location, _) = stack.get(&format!("/{code}")).await;
+            assert_eq!(
+                (status, location.as_deref()),
+                (StatusCode::FOUND, Some(target))
+            );
+            redirects += 1;
+        }
+    }
+    until_stream_len(&mut conn, 1 + redirects).await;
+
+    // Back without restarting anything.
+    pg.start_again();
+    eventually(Duration::from_secs(15), "creates to work again", || {
+        let request = stack
+            .api
+            .post(format!("{}/shorten", stack.control_plane))
+            .bearer_auth(ADMIN_KEY)
+            .json(&json!({"url": "https://example.com/after"}))
+            .send();
+        async move { (request.await.unwrap().status() == 201).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

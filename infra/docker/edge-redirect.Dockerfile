@@ -28,14 +28,18 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 shortener \
     && useradd --system --uid 10001 --gid shortener --home-dir /var/lib/shortener \
-        --create-home --shell /usr/sbin/nologin shortener
+        --create-home --shell /usr/sbin/nologin shortener \
+    && mkdir -p /var/lib/shortener/journal && chown shortener:shortener /var/lib/shortener/journal
 COPY --from=builder /src/target/release/edge-redirect /usr/local/bin/edge-redirect
 USER 10001:10001
 WORKDIR /var/lib/shortener
 # Containers listen on every interface; the local stack keeps 127.0.0.1.
 ENV EDGE_HTTP_ADDR=0.0.0.0:8081 \
     EDGE_ADMIN_ADDR=0.0.0.0:9081 \
+    EDGE_CLICK_JOURNAL_DIR=/var/lib/shortener/journal \
     LOG_FORMAT=json
+# The click journal: mount a volume here so clicks outlive the container.
+VOLUME /var/lib/shortener/journal
 EXPOSE 8081 9081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD curl -fsS -o /dev/null http://127.0.0.1:9081/healthz || exit 1

@@ -1,0 +1,678 @@
+//! The click journal (`EDGE_CLICK_JOURNAL_DIR`): click events written to a
+//! local file before the redirect is answered, so a killed edge loses none.
+//!
+//! Without it, clicks wait in memory until shipped and a SIGKILL (or OOM
+//! kill, or crash) loses the ones not yet in Redis. With it:
+//! - The request appends its click to the process's segment file with one
+//!   `write` (O_APPEND, so records from all worker threads land whole and in
+//!   some order) *before* its response is built. Once `write` returns the
+//!   bytes are in the kernel's page cache, which outlives the process; they
+//!   do not outlive the machine (no fsync: that would cost a disk flush per
+//!   redirect).
+//! - The shipper reads the segment in order and ships batches with the same
+//!   Lua script as the memory queue, keyed by the segment and numbered by
+//!   the byte offset where the batch ends. Redis therefore records how far
+//!   each segment has been shipped, atomically with the batch.
+//! - A segment is deleted once shipped to its end, after it was rotated
+//!   (every [`ROTATE_BYTES`]) or at shutdown.
+//! - A new edge process adopts the segments of dead ones in the same
+//!   directory (each live process holds an exclusive lock on its files, so
+//!   it never takes a live one), reads from Redis where each was shipped to,
+//!   and ships the rest: every click is shipped exactly once.
+//! - While Redis is away the segments grow; beyond `max_bytes` the oldest
+//!   segment is dropped and its unshipped clicks are counted in
+//!   `edge_click_events_dropped_total`.
+//!
+//! Record format: a magic byte `0xC1`, the body length (u32 LE), then the
+//! body: the seven stream field values' end offsets (u16 LE each) and the
+//! values themselves, back to back.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use shortener_common::redis_conn::LazyRedis;
+use tokio::sync::watch;
+
+use crate::clicks::{Encoded, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, SEQUENCE_TTL_SECS};
+
+const MAGIC: u8 = 0xC1;
+const HEADER: usize = 5;
+/// No click comes near this (headers are capped far below); a longer length
+/// means the file is damaged.
+const MAX_RECORD: usize = 1 << 20;
+/// A segment is rotated at this size, so shipped clicks leave the disk soon.
+pub const ROTATE_BYTES: u64 = 16 << 20;
+/// How much of a segment is read at a time.
+const READ_CHUNK: usize = 256 << 10;
+/// How often the journal is rotated and held to its cap while a batch
+/// waits for Redis.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// How often an idle shipper looks for new clicks.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+const EXTENSION: &str = "clicks";
+
+thread_local! {
+    static RECORD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Appends one record holding `click`'s stream values to `out`.
+pub(crate) fn write_record(click: &RawClick, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.push(MAGIC);
+    out.extend_from_slice(&[0; 4]);
+    let ends_at = out.len();
+    out.extend_from_slice(&[0; 14]);
+    let values_at = out.len();
+    let ends = click.write_values(out);
+    for (i, end) in ends.iter().enumerate() {
+        out[ends_at + 2 * i..ends_at + 2 * i + 2].copy_from_slice(&end.to_le_bytes());
+    }
+    let body = (out.len() - values_at + 14) as u32;
+    out[start + 1..start + HEADER].copy_from_slice(&body.to_le_bytes());
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Corrupt;
+
+/// Parses the complete records at the start of `bytes`: each click with the
+/// offset (within `bytes`) where its record ends. Stops at a partial record.
+pub(crate) fn parse_records(bytes: &[u8]) -> Result<Vec<(Encoded, usize)>, Corrupt> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while bytes.len() - at >= HEADER {
+        if bytes[at] != MAGIC {
+            return Err(Corrupt);
+        }
+        let len =
+            u32::from_le_bytes(bytes[at + 1..at + HEADER].try_into().expect("4 bytes")) as usize;
+        if !(14..=MAX_RECORD).contains(&len) {
+            return Err(Corrupt);
+        }
+        let end = at + HEADER + len;
+        if end > bytes.len() {
+            break;
+        }
+        let body = &bytes[at + HEADER..end];
+        let mut ends = [0u16; 7];
+        for (i, slot) in ends.iter_mut().enumerate() {
+            *slot = u16::from_le_bytes([body[2 * i], body[2 * i + 1]]);
+        }
+        let values = &body[14..];
+        if ends.windows(2).any(|w| w[0] > w[1]) || usize::from(ends[6]) != values.len() {
+            return Err(Corrupt);
+        }
+        records.push((Encoded::from_parts(values.into(), ends), end));
+        at = end;
+    }
+    Ok(records)
+}
+
+/// The segment that requests append to.
+struct Writing {
+    file: File,
+    id: String,
+}
+
+/// The journal directory of one edge process: the writing side, used on the
+/// hot path, and the segments left for the shipper.
+pub struct Journal {
+    dir: PathBuf,
+    /// `{start ms}-{random}`: sorts segments of older processes first.
+    prefix: String,
+    writing: RwLock<Writing>,
+    next_seq: AtomicU64,
+    /// Segments to ship, oldest first, as found at start-up; the shipper
+    /// takes them.
+    adopted: std::sync::Mutex<Vec<Segment>>,
+}
+
+fn segment_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.{EXTENSION}"))
+}
+
+impl Journal {
+    /// Opens (creating) `dir`, adopts the segments of processes that are no
+    /// longer running, and starts a segment of this process's own.
+    pub fn open(dir: &Path) -> std::io::Result<Arc<Self>> {
+        std::fs::create_dir_all(dir)?;
+        let mut adopted = Vec::new();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == EXTENSION))
+            .collect();
+        names.sort();
+        for path in names {
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                // A live edge's segment (another process on this directory).
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(error)) => return Err(error),
+            }
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            tracing::info!(segment = %id, bytes = file.metadata()?.len(), "adopting the click journal of an edge that stopped");
+            adopted.push(Segment::new(id, path, file, false));
+        }
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let prefix = format!("{started:013}-{:08x}", rand::random::<u32>());
+        let (writing, reading) = Self::create_segment(dir, &prefix, 0)?;
+        adopted.push(reading);
+        Ok(Arc::new(Self {
+            dir: dir.to_owned(),
+            prefix,
+            writing: RwLock::new(writing),
+            next_seq: AtomicU64::new(1),
+            adopted: std::sync::Mutex::new(adopted),
+        }))
+    }
+
+    fn create_segment(dir: &Path, prefix: &str, seq: u64) -> std::io::Result<(Writing, Segment)> {
+        let id = format!("{prefix}-{seq:06}");
+        let path = segment_path(dir, &id);
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)?;
+        file.try_lock().map_err(std::io::Error::other)?;
+        let reader = File::open(&path)?;
+        Ok((
+            Writing {
+                file,
+                id: id.clone(),
+            },
+            Segment::new(id, path, reader, true),
+        ))
+    }
+
+    /// Writes one click; when this returns `Ok` the click survives the
+    /// process.
+    pub fn append(&self, click: &RawClick) -> std::io::Result<()> {
+        RECORD.with(|record| {
+            let mut record = record.borrow_mut();
+            record.clear();
+            write_record(click, &mut record);
+            let writing = self.writing.read().expect("journal lock");
+            (&writing.file).write_all(&record)
+        })
+    }
+
+    /// Starts a new segment for requests; returns it for the shipper. Waits
+    /// for appends in progress, so once this returns the old segment is
+    /// complete.
+    fn rotate(&self) -> std::io::Result<Segment> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (writing, reading) = Self::create_segment(&self.dir, &self.prefix, seq)?;
+        let old = std::mem::replace(&mut *self.writing.write().expect("journal lock"), writing);
+        tracing::debug!(segment = %old.id, "click journal segment rotated");
+        Ok(reading)
+    }
+
+    fn take_segments(&self) -> Vec<Segment> {
+        std::mem::take(&mut *self.adopted.lock().expect("journal lock"))
+    }
+}
+
+/// A segment as the shipper reads it.
+struct Segment {
+    id: String,
+    path: PathBuf,
+    file: File,
+    /// Requests may still append to it.
+    writing: bool,
+    /// Where reading resumes once it is known where Redis says shipping got
+    /// to (`None` until then).
+    read_to: Option<u64>,
+    /// Bytes read but not yet parsed (the start of a partial record).
+    unparsed: Vec<u8>,
+    /// Parsed clicks not yet in a batch, with the offset each record ends at.
+    ready: VecDeque<(Encoded, u64)>,
+}
+
+impl Segment {
+    fn new(id: String, path: PathBuf, file: File, own: bool) -> Self {
+        Self {
+            id,
+            path,
+            file,
+            writing: own,
+            // This process's own segments start empty: nothing to look up.
+            read_to: own.then_some(0),
+            unparsed: Vec::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Up to `MAX_BATCH` clicks after what has been taken so far.
+    fn next_batch(&mut self) -> Result<(Vec<Encoded>, u64), Corrupt> {
+        let mut read_to = self.read_to.expect("resume point known");
+        while self.ready.len() < MAX_BATCH {
+            let mut chunk = vec![0u8; READ_CHUNK];
+            let n = self.file.read_at(&mut chunk, read_to).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let base = read_to - self.unparsed.len() as u64;
+            self.unparsed.extend_from_slice(&chunk[..n]);
+            read_to += n as u64;
+            let records = parse_records(&self.unparsed)?;
+            let consumed = records.last().map_or(0, |(_, end)| *end);
+            self.ready.extend(
+                records
+                    .into_iter()
+                    .map(|(click, end)| (click, base + end as u64)),
+            );
+            self.unparsed.drain(..consumed);
+        }
+        self.read_to = Some(read_to);
+        let n = self.ready.len().min(MAX_BATCH);
+        let batch: Vec<(Encoded, u64)> = self.ready.drain(..n).collect();
+        let end = batch.last().map_or(0, |(_, end)| *end);
+        Ok((batch.into_iter().map(|(click, _)| click).collect(), end))
+    }
+
+    /// Clicks in the segment not yet shipped (for the drop count).
+    fn remaining(&mut self) -> u64 {
+        let mut n = self.ready.len() as u64;
+        self.ready.clear();
+        if self.read_to.is_none() {
+            self.read_to = Some(0);
+        }
+        while let Ok((batch, _)) = self.next_batch() {
+            if batch.is_empty() {
+                break;
+            }
+            n += batch.len() as u64;
+        }
+        n
+    }
+
+    fn delete(self) {
+        if let Err(error) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), %error, "cannot delete a shipped click journal segment");
+        }
+    }
+}
+
+/// Ships the journal's segments, oldest first.
+pub(crate) struct JournalShipping {
+    pub journal: Arc<Journal>,
+    pub redis: Arc<LazyRedis>,
+    pub stream: String,
+    pub max_len: u64,
+    pub max_bytes: u64,
+    /// [`ROTATE_BYTES`], smaller in tests.
+    pub rotate_bytes: u64,
+    pub stop: watch::Receiver<Option<Duration>>,
+    pub dropped: metrics::Counter,
+}
+
+enum Shipped {
+    Done,
+    /// The segment was dropped (over the size cap) while the batch waited.
+    Abandoned,
+    /// Shutting down with Redis still away: the journal keeps the rest.
+    GaveUp,
+}
+
+impl JournalShipping {
+    pub(crate) async fn run(mut self) {
+        let shipped = metrics::counter!("edge_click_events_shipped_total");
+        let backlog = metrics::gauge!("edge_click_journal_bytes");
+        let script = crate::clicks::script();
+        let mut segments: VecDeque<Segment> = self.journal.take_segments().into();
+        let mut flush_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            self.rotate_and_cap(&mut segments);
+            backlog.set(segments.iter().map(Segment::len).sum::<u64>() as f64);
+            let Some(front) = segments.front_mut() else {
+                return;
+            };
+            if front.read_to.is_none() {
+                let key = self.sequence_key(&front.id);
+                let Some(offset) = self.shipped_offset(&key, &mut flush_deadline).await else {
+                    return;
+                };
+                front.read_to = Some(offset);
+            }
+            let (batch, end) = match front.next_batch() {
+                Ok(batch) => batch,
+                Err(Corrupt) => {
+                    tracing::error!(segment = %front.id, "a click journal segment is damaged; the rest of it is skipped");
+                    if front.writing {
+                        self.rotate(&mut segments);
+                    }
+                    if let Some(damaged) = segments.pop_front() {
+                        damaged.delete();
+                    }
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                if !front.writing {
+                    // Complete (rotated, or a dead process's) and shipped.
+                    if let Some(done) = segments.pop_front() {
+                        done.delete();
+                    }
+                    continue;
+                }
+                if flush_deadline.is_some() {
+                    // Every request has been answered and its click shipped.
+                    if let Some(done) = segments.pop_front() {
+                        done.delete();
+                    }
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = self.stop.changed() => {
+                        let flush = (*self.stop.borrow()).unwrap_or_default();
+                        flush_deadline = Some(tokio::time::Instant::now() + flush);
+                    }
+                }
+                continue;
+            }
+            let key = self.sequence_key(&front.id);
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(&self.stream)
+                .key(&key)
+                .arg(self.max_len)
+                .arg(end)
+                .arg(SEQUENCE_TTL_SECS);
+            for click in &batch {
+                for value in click.values() {
+                    invocation.arg(value);
+                }
+            }
+            match self
+                .ship(&invocation, &mut segments, &mut flush_deadline)
+                .await
+            {
+                Shipped::Done => shipped.increment(batch.len() as u64),
+                Shipped::Abandoned => self.dropped.increment(batch.len() as u64),
+                Shipped::GaveUp => {
+                    let bytes: u64 = segments.iter().map(Segment::len).sum();
+                    tracing::error!(
+                        bytes,
+                        "stopping with click events Redis did not take; they stay in the journal for the next start"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn sequence_key(&self, segment: &str) -> String {
+        format!("{{{}}}:edge:{segment}", self.stream)
+    }
+
+    /// Where Redis says a dead process's segment was shipped to.
+    async fn shipped_offset(
+        &mut self,
+        key: &str,
+        flush_deadline: &mut Option<tokio::time::Instant>,
+    ) -> Option<u64> {
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self
+                .redis
+                .run::<Option<u64>>(redis::cmd("HGET").arg(key).arg("batch"))
+                .await
+            {
+                Ok(offset) => return Some(offset.unwrap_or(0)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read how far an adopted click journal was shipped; retrying");
+                    if !self.wait(backoff, flush_deadline).await {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Runs the batch script until it succeeds. Returns early when the
+    /// front segment is dropped to keep under the size cap, or when
+    /// shutting down and the flush period is over.
+    async fn ship(
+        &mut self,
+        invocation: &redis::ScriptInvocation<'_>,
+        segments: &mut VecDeque<Segment>,
+        flush_deadline: &mut Option<tokio::time::Instant>,
+    ) -> Shipped {
+        let errors = metrics::counter!("edge_click_ship_errors_total");
+        let mut backoff = RETRY_MIN;
+        loop {
+            match self.redis.invoke::<i64>(invocation).await {
+                Ok(_) => return Shipped::Done,
+                Err(error) => {
+                    errors.increment(1);
+                    tracing::warn!(%error, "cannot ship click events; retrying");
+                }
+            }
+            // Sleep the backoff, keeping the journal rotated and under its
+            // cap meanwhile (requests keep appending).
+            let until = tokio::time::Instant::now() + backoff;
+            loop {
+                let before = segments.front().map(|s| s.id.clone());
+                self.rotate_and_cap(segments);
+                if segments.front().map(|s| s.id.clone()) != before {
+                    return Shipped::Abandoned;
+                }
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                if !self
+                    .wait((until - now).min(HOUSEKEEPING), flush_deadline)
+                    .await
+                {
+                    return Shipped::GaveUp;
+                }
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Sleeps `duration` (less if a shutdown begins); false once a
+    /// shutdown's flush period is over.
+    async fn wait(
+        &mut self,
+        duration: Duration,
+        flush_deadline: &mut Option<tokio::time::Instant>,
+    ) -> bool {
+        if flush_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(duration) => {}
+            _ = self.stop.changed(), if flush_deadline.is_none() => {
+                let flush = (*self.stop.borrow()).unwrap_or_default();
+                *flush_deadline = Some(tokio::time::Instant::now() + flush);
+            }
+        }
+        true
+    }
+
+    fn rotate(&self, segments: &mut VecDeque<Segment>) {
+        match self.journal.rotate() {
+            Ok(new) => {
+                for segment in segments.iter_mut() {
+                    segment.writing = false;
+                }
+                segments.push_back(new);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot start a new click journal segment");
+            }
+        }
+    }
+
+    /// Rotates a full writing segment; drops the oldest segments while the
+    /// journal is over its cap (keeping the one requests write to).
+    fn rotate_and_cap(&self, segments: &mut VecDeque<Segment>) {
+        if segments
+            .back()
+            .is_some_and(|s| s.writing && s.len() >= self.rotate_bytes)
+        {
+            self.rotate(segments);
+        }
+        while segments.len() > 1 && segments.iter().map(Segment::len).sum::<u64>() > self.max_bytes
+        {
+            let Some(mut oldest) = segments.pop_front() else {
+                break;
+            };
+            let lost = oldest.remaining();
+            tracing::error!(segment = %oldest.id, lost, "the click journal is over EDGE_CLICK_JOURNAL_MAX_BYTES; dropping its oldest clicks");
+            self.dropped.increment(lost);
+            oldest.delete();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn click(i: u128) -> RawClick {
+        RawClick {
+            event_id: i,
+            code: format!("code{i}").into(),
+            ts_ms: 1_767_225_600_000 + i as i64,
+            ip: "2001:db8::7".parse().unwrap(),
+            user_agent: Some(HeaderValue::from_static("curl/8")),
+            referer: i
+                .is_multiple_of(2)
+                .then(|| HeaderValue::from_static("https://news.example/")),
+            accept_language: Some(HeaderValue::from_bytes(b"en\xff").unwrap()),
+        }
+    }
+
+    #[test]
+    fn records_hold_the_stream_fields_and_partial_ones_wait() {
+        let mut bytes = Vec::new();
+        for i in 0..3 {
+            write_record(&click(i), &mut bytes);
+        }
+        let records = parse_records(&bytes).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].1, bytes.len());
+        for (i, (encoded, _)) in records.iter().enumerate() {
+            let expected = click(i as u128).into_event().to_stream_fields();
+            let got: Vec<&[u8]> = encoded.values().collect();
+            for ((_, want), got) in expected.iter().zip(got) {
+                assert_eq!(want.as_bytes(), got);
+            }
+        }
+        // A record cut short is not returned until it is whole.
+        let cut = records[1].1 + 7;
+        assert_eq!(parse_records(&bytes[..cut]).unwrap().len(), 2);
+        // Garbage is reported, not misread.
+        let mut damaged = bytes.clone();
+        damaged[records[0].1] = b'x';
+        assert_eq!(parse_records(&damaged).map(|r| r.len()), Err(Corrupt));
+    }
+
+    /// Bytes in the journal's segment files, and whether the first is there.
+    fn on_disk(dir: &Path) -> (u64, bool) {
+        let mut bytes = 0;
+        let mut first = false;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            bytes += std::fs::metadata(&path).unwrap().len();
+            first |= path.to_string_lossy().ends_with("-000000.clicks");
+        }
+        (bytes, first)
+    }
+
+    #[tokio::test]
+    async fn with_redis_away_the_journal_keeps_under_its_cap_by_dropping_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let (stop, stop_rx) = watch::channel(None);
+        // Nothing listens on port 1: every shipment fails.
+        let redis = LazyRedis::new("redis://127.0.0.1:1").unwrap();
+        let (max_bytes, rotate_bytes) = (20_000, 4_096);
+        let task = tokio::spawn(
+            JournalShipping {
+                journal: journal.clone(),
+                redis: Arc::new(redis),
+                stream: "clicks".into(),
+                max_len: 1_000,
+                max_bytes,
+                rotate_bytes,
+                stop: stop_rx,
+                dropped: metrics::counter!("test_dropped"),
+            }
+            .run(),
+        );
+        let mut written = Vec::new();
+        for i in 0..1_000 {
+            journal.append(&click(i)).unwrap();
+            write_record(&click(i), &mut written);
+            if i % 50 == 0 {
+                // Time for the shipper to fail, rotate and keep the cap.
+                tokio::time::sleep(Duration::from_millis(120)).await;
+            }
+        }
+        // Far more than the cap was written; the cap is kept while the
+        // shipper waits for Redis.
+        assert!(written.len() as u64 > 4 * max_bytes);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (bytes, first) = on_disk(dir.path());
+            if !first && bytes <= max_bytes + rotate_bytes + 300 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{bytes} bytes on disk, first segment there: {first}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop.send(Some(Duration::ZERO));
+        task.await.unwrap();
+        // What is left stays for the next start.
+        assert!(on_disk(dir.path()).0 > 0);
+    }
+
+    #[test]
+    fn a_new_journal_adopts_only_the_segments_of_stopped_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Journal::open(dir.path()).unwrap();
+        first.append(&click(1)).unwrap();
+        // Another process on the same directory leaves the live one alone.
+        let second = Journal::open(dir.path()).unwrap();
+        assert_eq!(second.take_segments().len(), 1, "only its own segment");
+        // Once the first is gone (its locks with it), its segment is adopted.
+        drop(first);
+        let third = Journal::open(dir.path()).unwrap();
+        let mut segments = third.take_segments();
+        assert_eq!(segments.len(), 2, "the stopped one's segment and its own");
+        let adopted = &mut segments[0];
+        assert!(!adopted.writing);
+        assert_eq!(adopted.read_to, None);
+        adopted.read_to = Some(0);
+        let (batch, end) = adopted.next_batch().unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(end, adopted.len());
+    }
+}
