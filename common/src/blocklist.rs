@@ -11,7 +11,11 @@
 //! The file is re-read when its modification time or length changes, checked
 //! by a watcher thread every `interval`, so operators edit it (or a
 //! Kubernetes ConfigMap updates it) without restarting anything. A reload
-//! that fails (the file is being replaced, say) keeps the previous list.
+//! that fails (the file is being replaced, say), or a file that changes
+//! while being read, keeps the previous list. Replace the file atomically
+//! (write another, then rename it over) so no reader ever sees half of it.
+//! Entries are matched as written: list international names in their
+//! punycode (`xn--`) form, as targets are stored.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -152,6 +156,10 @@ impl BlocklistFile {
                 return false;
             }
         };
+        if stamp(&self.path).ok() != Some(now) {
+            // Changed while being read (edited in place): next time.
+            return false;
+        }
         let list = Blocklist::parse(&text);
         let mut loaded = self.loaded.write().expect("blocklist lock");
         loaded.stamp = Some(now);

@@ -44,6 +44,7 @@ type KeyLimiter = governor::DefaultKeyedRateLimiter<i64>;
 pub struct ApiKeys {
     pool: PgPool,
     limiter: Option<KeyLimiter>,
+    last_trim: Mutex<Instant>,
     bootstrap: Option<KeyHash>,
     bootstrap_id: tokio::sync::OnceCell<i64>,
     cache: Mutex<HashMap<KeyHash, (i64, Instant)>>,
@@ -59,6 +60,7 @@ impl ApiKeys {
         Self {
             pool,
             limiter,
+            last_trim: Mutex::new(Instant::now()),
             bootstrap: bootstrap.map(hash_key),
             bootstrap_id: tokio::sync::OnceCell::new(),
             cache: Mutex::new(HashMap::new()),
@@ -72,13 +74,19 @@ impl ApiKeys {
         };
         limiter.check_key(&key_id).map_err(|not_until| {
             use governor::clock::Clock;
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            let wait = not_until.wait_time_from(limiter.clock().now());
             metrics::counter!("control_plane_rate_limited_total").increment(1);
-            ApiError::RateLimited(wait.as_secs() + 1)
+            // Whole seconds, rounded up, at least one.
+            ApiError::RateLimited((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
         })?;
-        // Forget idle keys now and then so the table stays small.
-        if limiter.len() > 10_000 {
+        // Forget idle keys now and then (at most once a minute) so the table
+        // stays small.
+        if limiter.len() > 10_000
+            && let Ok(mut last) = self.last_trim.try_lock()
+            && last.elapsed() > Duration::from_secs(60)
+        {
             limiter.retain_recent();
+            *last = Instant::now();
         }
         Ok(())
     }

@@ -113,6 +113,7 @@ impl RawClick {
 }
 
 /// One click's stream field values, back to back.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Encoded {
     bytes: Box<[u8]>,
     ends: [u16; 7],
@@ -196,7 +197,11 @@ impl ClickQueue {
                     stream: config.stream.clone(),
                     max_len: config.max_len,
                     max_bytes: config.journal_max_bytes,
-                    rotate_bytes: crate::journal::ROTATE_BYTES,
+                    // Several segments fit under the cap, so rotating never
+                    // drops clicks while Redis keeps up.
+                    rotate_bytes: crate::journal::ROTATE_BYTES
+                        .min(config.journal_max_bytes / 4)
+                        .max(4_096),
                     stop: stop_rx,
                     dropped: dropped.clone(),
                 }

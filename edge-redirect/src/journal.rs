@@ -32,7 +32,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -77,22 +77,20 @@ pub(crate) fn write_record(click: &RawClick, out: &mut Vec<u8>) {
     out[start + 1..start + HEADER].copy_from_slice(&body.to_le_bytes());
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Corrupt;
-
 /// Parses the complete records at the start of `bytes`: each click with the
-/// offset (within `bytes`) where its record ends. Stops at a partial record.
-pub(crate) fn parse_records(bytes: &[u8]) -> Result<Vec<(Encoded, usize)>, Corrupt> {
+/// offset (within `bytes`) where its record ends. Stops at a partial record,
+/// or at damage (then also says so: what follows cannot be framed).
+pub(crate) fn parse_records(bytes: &[u8]) -> (Vec<(Encoded, usize)>, bool) {
     let mut records = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= HEADER {
         if bytes[at] != MAGIC {
-            return Err(Corrupt);
+            return (records, true);
         }
         let len =
             u32::from_le_bytes(bytes[at + 1..at + HEADER].try_into().expect("4 bytes")) as usize;
         if !(14..=MAX_RECORD).contains(&len) {
-            return Err(Corrupt);
+            return (records, true);
         }
         let end = at + HEADER + len;
         if end > bytes.len() {
@@ -105,12 +103,12 @@ pub(crate) fn parse_records(bytes: &[u8]) -> Result<Vec<(Encoded, usize)>, Corru
         }
         let values = &body[14..];
         if ends.windows(2).any(|w| w[0] > w[1]) || usize::from(ends[6]) != values.len() {
-            return Err(Corrupt);
+            return (records, true);
         }
         records.push((Encoded::from_parts(values.into(), ends), end));
         at = end;
     }
-    Ok(records)
+    (records, false)
 }
 
 /// The segment that requests append to.
@@ -125,8 +123,12 @@ pub struct Journal {
     dir: PathBuf,
     /// `{start ms}-{random}`: sorts segments of older processes first.
     prefix: String,
-    writing: RwLock<Writing>,
+    /// `None` once closed at shutdown.
+    writing: RwLock<Option<Writing>>,
     next_seq: AtomicU64,
+    /// A write failed (a full disk, say) and may have left a partial record:
+    /// the shipper starts a new segment so later records frame again.
+    rotate_requested: AtomicBool,
     /// Segments to ship, oldest first, as found at start-up; the shipper
     /// takes them.
     adopted: std::sync::Mutex<Vec<Segment>>,
@@ -148,7 +150,12 @@ impl Journal {
             .collect();
         names.sort();
         for path in names {
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let file = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(file) => file,
+                // Shipped and deleted by its live owner meanwhile.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error),
+            };
             match file.try_lock() {
                 Ok(()) => {}
                 // A live edge's segment (another process on this directory).
@@ -173,21 +180,27 @@ impl Journal {
         Ok(Arc::new(Self {
             dir: dir.to_owned(),
             prefix,
-            writing: RwLock::new(writing),
+            writing: RwLock::new(Some(writing)),
             next_seq: AtomicU64::new(1),
+            rotate_requested: AtomicBool::new(false),
             adopted: std::sync::Mutex::new(adopted),
         }))
     }
 
+    /// A new segment, locked (on the shipper's handle, which lives until
+    /// the segment is shipped and deleted) before it gets its name, so no
+    /// other process can take it for a dead one's.
     fn create_segment(dir: &Path, prefix: &str, seq: u64) -> std::io::Result<(Writing, Segment)> {
         let id = format!("{prefix}-{seq:06}");
         let path = segment_path(dir, &id);
+        let new = dir.join(format!("{id}.new"));
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
-            .open(&path)?;
-        file.try_lock().map_err(std::io::Error::other)?;
-        let reader = File::open(&path)?;
+            .open(&new)?;
+        let reader = File::open(&new)?;
+        reader.try_lock().map_err(std::io::Error::other)?;
+        std::fs::rename(&new, &path)?;
         Ok((
             Writing {
                 file,
@@ -205,18 +218,36 @@ impl Journal {
             record.clear();
             write_record(click, &mut record);
             let writing = self.writing.read().expect("journal lock");
-            (&writing.file).write_all(&record)
+            let Some(writing) = writing.as_ref() else {
+                return Err(std::io::Error::other("the click journal is closed"));
+            };
+            let written = (&writing.file).write_all(&record);
+            if written.is_err() {
+                self.rotate_requested.store(true, Ordering::Relaxed);
+            }
+            written
         })
+    }
+
+    /// Shutdown: no more appends (requests still running after the drain
+    /// period lose their click, counted). Returns whether it was open.
+    fn close(&self) -> bool {
+        self.writing.write().expect("journal lock").take().is_some()
     }
 
     /// Starts a new segment for requests; returns it for the shipper. Waits
     /// for appends in progress, so once this returns the old segment is
     /// complete.
     fn rotate(&self) -> std::io::Result<Segment> {
+        if self.writing.read().expect("journal lock").is_none() {
+            return Err(std::io::Error::other("the click journal is closed"));
+        }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (writing, reading) = Self::create_segment(&self.dir, &self.prefix, seq)?;
-        let old = std::mem::replace(&mut *self.writing.write().expect("journal lock"), writing);
-        tracing::debug!(segment = %old.id, "click journal segment rotated");
+        let old = self.writing.write().expect("journal lock").replace(writing);
+        if let Some(old) = old {
+            tracing::debug!(segment = %old.id, "click journal segment rotated");
+        }
         Ok(reading)
     }
 
@@ -237,6 +268,10 @@ struct Segment {
     read_to: Option<u64>,
     /// Bytes read but not yet parsed (the start of a partial record).
     unparsed: Vec<u8>,
+    /// Damage was found: nothing after it can be read.
+    damaged: bool,
+    /// The read buffer, kept between reads.
+    chunk: Vec<u8>,
     /// Parsed clicks not yet in a batch, with the offset each record ends at.
     ready: VecDeque<(Encoded, u64)>,
 }
@@ -251,6 +286,8 @@ impl Segment {
             // This process's own segments start empty: nothing to look up.
             read_to: own.then_some(0),
             unparsed: Vec::new(),
+            damaged: false,
+            chunk: Vec::new(),
             ready: VecDeque::new(),
         }
     }
@@ -260,18 +297,19 @@ impl Segment {
     }
 
     /// Up to `MAX_BATCH` clicks after what has been taken so far.
-    fn next_batch(&mut self) -> Result<(Vec<Encoded>, u64), Corrupt> {
+    fn next_batch(&mut self) -> std::io::Result<(Vec<Encoded>, u64)> {
         let mut read_to = self.read_to.expect("resume point known");
-        while self.ready.len() < MAX_BATCH {
-            let mut chunk = vec![0u8; READ_CHUNK];
-            let n = self.file.read_at(&mut chunk, read_to).unwrap_or(0);
+        self.chunk.resize(READ_CHUNK, 0);
+        while self.ready.len() < MAX_BATCH && !self.damaged {
+            let n = self.file.read_at(&mut self.chunk, read_to)?;
             if n == 0 {
                 break;
             }
             let base = read_to - self.unparsed.len() as u64;
-            self.unparsed.extend_from_slice(&chunk[..n]);
+            self.unparsed.extend_from_slice(&self.chunk[..n]);
             read_to += n as u64;
-            let records = parse_records(&self.unparsed)?;
+            let (records, damaged) = parse_records(&self.unparsed);
+            self.damaged = damaged;
             let consumed = records.last().map_or(0, |(_, end)| *end);
             self.ready.extend(
                 records
@@ -353,30 +391,39 @@ impl JournalShipping {
             }
             let (batch, end) = match front.next_batch() {
                 Ok(batch) => batch,
-                Err(Corrupt) => {
-                    tracing::error!(segment = %front.id, "a click journal segment is damaged; the rest of it is skipped");
-                    if front.writing {
-                        self.rotate(&mut segments);
-                    }
-                    if let Some(damaged) = segments.pop_front() {
-                        damaged.delete();
-                    }
+                Err(error) => {
+                    tracing::warn!(segment = %front.id, %error, "cannot read the click journal; retrying");
+                    self.pause(&mut flush_deadline).await;
                     continue;
                 }
             };
             if batch.is_empty() {
+                if front.damaged {
+                    // What could be framed before the damage is shipped.
+                    tracing::error!(segment = %front.id, "a click journal segment is damaged; the rest of it is skipped");
+                    if front.writing {
+                        self.rotate(&mut segments);
+                        if segments.front().is_some_and(|s| s.writing) {
+                            // No new segment (the disk is full?): keep it.
+                            self.pause(&mut flush_deadline).await;
+                            continue;
+                        }
+                    }
+                    self.finish_front(&mut segments).await;
+                    continue;
+                }
                 if !front.writing {
                     // Complete (rotated, or a dead process's) and shipped.
-                    if let Some(done) = segments.pop_front() {
-                        done.delete();
-                    }
+                    self.finish_front(&mut segments).await;
                     continue;
                 }
                 if flush_deadline.is_some() {
-                    // Every request has been answered and its click shipped.
-                    if let Some(done) = segments.pop_front() {
-                        done.delete();
+                    if self.journal.close() {
+                        // Read what was appended up to the close.
+                        continue;
                     }
+                    // Every click appended has been shipped.
+                    self.finish_front(&mut segments).await;
                     return;
                 }
                 tokio::select! {
@@ -417,6 +464,24 @@ impl JournalShipping {
                 }
             }
         }
+    }
+
+    /// Deletes the front segment, shipped to its end, and then its Redis key
+    /// (in that order: a key gone while its file remains would make the next
+    /// edge ship the file again from the start).
+    async fn finish_front(&mut self, segments: &mut VecDeque<Segment>) {
+        let Some(done) = segments.pop_front() else {
+            return;
+        };
+        let key = self.sequence_key(&done.id);
+        done.delete();
+        // Best effort: an undeleted key expires after SEQUENCE_TTL_SECS.
+        let _ = self.redis.run::<i64>(redis::cmd("DEL").arg(key)).await;
+    }
+
+    /// Waits a little before trying again (or until shutdown begins).
+    async fn pause(&mut self, flush_deadline: &mut Option<tokio::time::Instant>) {
+        let _ = self.wait(IDLE_POLL * 20, flush_deadline).await;
     }
 
     fn sequence_key(&self, segment: &str) -> String {
@@ -528,9 +593,12 @@ impl JournalShipping {
     /// Rotates a full writing segment; drops the oldest segments while the
     /// journal is over its cap (keeping the one requests write to).
     fn rotate_and_cap(&self, segments: &mut VecDeque<Segment>) {
-        if segments
-            .back()
-            .is_some_and(|s| s.writing && s.len() >= self.rotate_bytes)
+        let failed_write = self.journal.rotate_requested.swap(false, Ordering::Relaxed);
+        let open = self.journal.writing.read().expect("journal lock").is_some();
+        if open
+            && segments
+                .back()
+                .is_some_and(|s| s.writing && (failed_write || s.len() >= self.rotate_bytes))
         {
             self.rotate(segments);
         }
@@ -572,7 +640,8 @@ mod tests {
         for i in 0..3 {
             write_record(&click(i), &mut bytes);
         }
-        let records = parse_records(&bytes).unwrap();
+        let (records, damaged) = parse_records(&bytes);
+        assert!(!damaged);
         assert_eq!(records.len(), 3);
         assert_eq!(records[2].1, bytes.len());
         for (i, (encoded, _)) in records.iter().enumerate() {
@@ -584,11 +653,11 @@ mod tests {
         }
         // A record cut short is not returned until it is whole.
         let cut = records[1].1 + 7;
-        assert_eq!(parse_records(&bytes[..cut]).unwrap().len(), 2);
-        // Garbage is reported, not misread.
+        assert_eq!(parse_records(&bytes[..cut]), (records[..2].to_vec(), false));
+        // Garbage is reported, not misread; what precedes it is kept.
         let mut damaged = bytes.clone();
         damaged[records[0].1] = b'x';
-        assert_eq!(parse_records(&damaged).map(|r| r.len()), Err(Corrupt));
+        assert_eq!(parse_records(&damaged), (records[..1].to_vec(), true));
     }
 
     /// Bytes in the journal's segment files, and whether the first is there.
@@ -661,7 +730,9 @@ mod tests {
         first.append(&click(1)).unwrap();
         // Another process on the same directory leaves the live one alone.
         let second = Journal::open(dir.path()).unwrap();
-        assert_eq!(second.take_segments().len(), 1, "only its own segment");
+        // (Its shipper holds its segments, and with them their locks.)
+        let second_segments = second.take_segments();
+        assert_eq!(second_segments.len(), 1, "only its own segment");
         // Once the first is gone (its locks with it), its segment is adopted.
         drop(first);
         let third = Journal::open(dir.path()).unwrap();
@@ -674,5 +745,6 @@ mod tests {
         let (batch, end) = adopted.next_batch().unwrap();
         assert_eq!(batch.len(), 1);
         assert_eq!(end, adopted.len());
+        drop(second_segments);
     }
 }
