@@ -789,6 +789,72 @@ async fn shutdown_ships_the_clicks_still_held() {
     assert_eq!(n, 16);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_a_stopping_edge_could_not_ship_stay_in_its_journal_for_the_next() {
+    let journal = tempfile::tempdir().unwrap();
+    let dir = journal.path().to_str().unwrap().to_owned();
+    let mut stack = Stack::start_with(&[
+        ("SHUTDOWN_DRAIN_MS", "300"),
+        ("EDGE_CLICK_JOURNAL_DIR", &dir),
+    ])
+    .await;
+    let code = stack
+        .create(json!({"url": "https://example.com/journal"}))
+        .await;
+    assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
+    let mut conn = stack.redis_conn();
+    until_stream_len(&mut conn, 1).await;
+
+    // Redis goes away; the edge keeps redirecting and journals the clicks.
+    stack.redis.stop();
+    for _ in 0..15 {
+        assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
+    }
+    // Stopped while Redis is still away, it gives up after the drain period
+    // and leaves the clicks in the journal.
+    let _ = stack.shutdown.take().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(10), stack.edge_task.take().unwrap())
+        .await
+        .expect("the edge stops after its drain period")
+        .unwrap()
+        .unwrap();
+    let segments = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(journal.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "clicks"))
+            .collect()
+    };
+    let left = segments();
+    assert_eq!(left.len(), 1, "the journal keeps what was not shipped");
+
+    // The next edge on the directory ships them, each exactly once.
+    stack.redis.start_again();
+    let config = edge_redirect::Config::from_env(shortener_common::Env::from_pairs([
+        ("EDGE_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("EDGE_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
+        ("REDIS_URL", stack.redis.url()),
+        ("CONTROL_PLANE_URL", stack.control_plane.clone()),
+        ("EDGE_CLICK_JOURNAL_DIR", dir.clone()),
+    ]))
+    .unwrap();
+    let next = edge_redirect::Application::build(config).await.unwrap();
+    tokio::spawn(next.run_until(std::future::pending()));
+    let mut conn = stack.redis_conn();
+    until_stream_len(&mut conn, 16).await;
+    let ids: std::collections::HashSet<String> = stream_events(&mut conn)
+        .into_iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 16);
+    // The adopted segment is deleted once shipped; the new edge has its own.
+    eventually(Duration::from_secs(5), "the old segment deleted", || {
+        let gone = !left[0].exists();
+        async move { gone.then_some(()) }
+    })
+    .await;
+}
+
 /// Sends raw bytes on a fresh connection and returns what came back before
 /// the server answered and closed, or a short while passed.
 fn raw_exchange(port: u16, request: &[u8]) -> Vec<u8> {
