@@ -1,6 +1,9 @@
-//! The hot-mapping cache: a sharded `DashMap` from code to a ready-made
-//! answer (status and a pre-built `Location` header value), so a hit clones a
-//! reference-counted header and allocates nothing.
+//! The hot-mapping cache: a sharded `DashSet` of boxed entries, found by
+//! code, each holding a ready-made answer (status and a pre-built `Location`
+//! header value), so a hit clones a reference-counted header and allocates
+//! nothing. The table holds one pointer per link, not the entry: tables
+//! double, so at most sizes they are about half empty, and an empty 8-byte
+//! slot costs far less than an empty 80-byte one (see docs/BENCHMARKS.md).
 //!
 //! Eviction is CLOCK (second chance), swept in batches: every hit sets the
 //! entry's `referenced` bit; when the map grows 5 % past its capacity, one
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
+use dashmap::DashSet;
 use http::{HeaderValue, StatusCode};
 
 /// What the edge answers for a code.
@@ -39,14 +42,41 @@ pub enum Target {
 }
 
 struct Entry {
+    code: Box<str>,
     target: Target,
     /// Seconds since the cache was created, when the entry was fetched.
     fetched_at: u32,
     referenced: AtomicBool,
 }
 
+/// A set element: the boxed entry, found by its code. The table holds only
+/// this pointer (8 bytes a slot, in tables half empty after they double),
+/// and the entry lives in one allocation of its own.
+struct Slot(Box<Entry>);
+
+impl std::borrow::Borrow<str> for Slot {
+    fn borrow(&self) -> &str {
+        &self.0.code
+    }
+}
+
+// Hash and equality must agree with `str`'s, for lookups by `&str`.
+impl std::hash::Hash for Slot {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (*self.0.code).hash(state);
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.code == other.0.code
+    }
+}
+
+impl Eq for Slot {}
+
 pub struct Cache {
-    map: DashMap<Box<str>, Entry>,
+    map: DashSet<Slot>,
     capacity: usize,
     max_age: Duration,
     negative_ttl: Duration,
@@ -66,7 +96,7 @@ const STRIPES: usize = 4096;
 impl Cache {
     pub fn new(capacity: usize, max_age: Duration, negative_ttl: Duration) -> Arc<Self> {
         Arc::new(Self {
-            map: DashMap::with_capacity(capacity.min(1 << 20)),
+            map: DashSet::with_capacity(capacity.min(1 << 20)),
             capacity,
             max_age,
             negative_ttl,
@@ -85,7 +115,8 @@ impl Cache {
 
     /// The cached answer, if there is a fresh one.
     pub fn get(&self, code: &str) -> Option<Target> {
-        let entry = self.map.get(code)?;
+        let slot = self.map.get(code)?;
+        let entry = &slot.0;
         let ttl = match entry.target {
             Target::Missing => self.negative_ttl,
             _ => self.max_age,
@@ -100,14 +131,15 @@ impl Cache {
     }
 
     pub fn insert(self: &Arc<Self>, code: &str, target: Target) {
-        self.map.insert(
-            code.into(),
-            Entry {
-                target,
-                fetched_at: self.now_secs(),
-                referenced: AtomicBool::new(false),
-            },
-        );
+        let slot = Slot(Box::new(Entry {
+            code: code.into(),
+            target,
+            fetched_at: self.now_secs(),
+            referenced: AtomicBool::new(false),
+        }));
+        // A set keeps the element it has: replace it.
+        self.map.remove(code);
+        self.map.insert(slot);
         if self.map.len() > self.capacity + self.capacity / 20
             && !self.sweeping.swap(true, Ordering::AcqRel)
         {
@@ -126,8 +158,8 @@ impl Cache {
     /// One CLOCK pass over every entry.
     pub fn sweep(&self) {
         let mut evicted = 0u64;
-        self.map.retain(|_, entry| {
-            let keep = entry.referenced.swap(false, Ordering::Relaxed);
+        self.map.retain(|slot| {
+            let keep = slot.0.referenced.swap(false, Ordering::Relaxed);
             evicted += u64::from(!keep);
             keep
         });
@@ -173,7 +205,7 @@ impl Cache {
     /// already running checked the old list, so they are not cached.
     pub fn drop_blocklisted(&self, list: &shortener_common::blocklist::Blocklist) {
         self.cleared.fetch_add(1, Ordering::AcqRel);
-        self.map.retain(|_, entry| match &entry.target {
+        self.map.retain(|slot| match &slot.0.target {
             Target::Redirect { location, .. } => {
                 location.to_str().map_or(true, |url| !list.blocks_url(url))
             }
