@@ -42,7 +42,9 @@ pub enum Target {
 }
 
 struct Entry {
-    code: Box<str>,
+    /// Inline for codes up to 24 bytes (every generated one), so comparing
+    /// it reads the entry's own memory.
+    code: compact_str::CompactString,
     target: Target,
     /// Seconds since the cache was created, when the entry was fetched.
     fetched_at: u32,
@@ -56,14 +58,14 @@ struct Slot(Box<Entry>);
 
 impl std::borrow::Borrow<str> for Slot {
     fn borrow(&self) -> &str {
-        &self.0.code
+        self.0.code.as_str()
     }
 }
 
 // Hash and equality must agree with `str`'s, for lookups by `&str`.
 impl std::hash::Hash for Slot {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        (*self.0.code).hash(state);
+        self.0.code.as_str().hash(state);
     }
 }
 
@@ -132,7 +134,7 @@ impl Cache {
 
     pub fn insert(self: &Arc<Self>, code: &str, target: Target) {
         let slot = Slot(Box::new(Entry {
-            code: code.into(),
+            code: compact_str::CompactString::new(code),
             target,
             fetched_at: self.now_secs(),
             referenced: AtomicBool::new(false),
