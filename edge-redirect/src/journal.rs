@@ -377,8 +377,8 @@ impl JournalShipping {
         let mut segments: VecDeque<Segment> = self.journal.take_segments().into();
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         loop {
-            self.rotate_and_cap(&mut segments);
-            backlog.set(segments.iter().map(Segment::len).sum::<u64>() as f64);
+            let bytes = self.rotate_and_cap(&mut segments);
+            backlog.set(bytes as f64);
             let Some(front) = segments.front_mut() else {
                 return;
             };
@@ -426,13 +426,7 @@ impl JournalShipping {
                     self.finish_front(&mut segments).await;
                     return;
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(IDLE_POLL) => {}
-                    _ = self.stop.changed() => {
-                        let flush = (*self.stop.borrow()).unwrap_or_default();
-                        flush_deadline = Some(tokio::time::Instant::now() + flush);
-                    }
-                }
+                self.wait(IDLE_POLL, &mut flush_deadline).await;
                 continue;
             }
             let key = self.sequence_key(&front.id);
@@ -591,8 +585,9 @@ impl JournalShipping {
     }
 
     /// Rotates a full writing segment; drops the oldest segments while the
-    /// journal is over its cap (keeping the one requests write to).
-    fn rotate_and_cap(&self, segments: &mut VecDeque<Segment>) {
+    /// journal is over its cap (keeping the one requests write to). Returns
+    /// the bytes the journal then holds.
+    fn rotate_and_cap(&self, segments: &mut VecDeque<Segment>) -> u64 {
         let failed_write = self.journal.rotate_requested.swap(false, Ordering::Relaxed);
         let open = self.journal.writing.read().expect("journal lock").is_some();
         if open
@@ -602,16 +597,18 @@ impl JournalShipping {
         {
             self.rotate(segments);
         }
-        while segments.len() > 1 && segments.iter().map(Segment::len).sum::<u64>() > self.max_bytes
-        {
+        let mut bytes: u64 = segments.iter().map(Segment::len).sum();
+        while segments.len() > 1 && bytes > self.max_bytes {
             let Some(mut oldest) = segments.pop_front() else {
                 break;
             };
+            bytes = bytes.saturating_sub(oldest.len());
             let lost = oldest.remaining();
             tracing::error!(segment = %oldest.id, lost, "the click journal is over EDGE_CLICK_JOURNAL_MAX_BYTES; dropping its oldest clicks");
             self.dropped.increment(lost);
             oldest.delete();
         }
+        bytes
     }
 }
 
