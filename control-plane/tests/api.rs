@@ -160,6 +160,22 @@ impl TestApp {
             .collect()
     }
 
+    /// A new API key from the CLI (`control-plane api-key create`).
+    fn create_api_key(&self, name: &str) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .args(["api-key", "create", "--name", name])
+            .env_clear()
+            .envs(self.env.iter().cloned())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
     /// The served OpenAPI document.
     async fn openapi(&self) -> Value {
         reqwest::get(self.url("/openapi.json"))
@@ -384,18 +400,7 @@ async fn every_admin_route_needs_a_valid_key() {
     );
 
     // A key made with the CLI works, and only its hash is stored.
-    let output = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-        .args(["api-key", "create", "--name", "ci"])
-        .env_clear()
-        .envs(app.env.iter().cloned())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let key = app.create_api_key("ci");
     assert!(key.starts_with("sk_"));
     let (status, _) = app.call(Method::GET, "/links", None, Some(&key)).await;
     assert_eq!(status, 200);
@@ -415,14 +420,7 @@ async fn a_key_over_its_rate_gets_429_and_other_keys_are_unaffected() {
         &[("API_KEY_RATE_LIMIT", "5")],
     )
     .await;
-    let output = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-        .args(["api-key", "create", "--name", "other"])
-        .env_clear()
-        .envs(app.env.iter().cloned())
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let other = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let other = app.create_api_key("other");
 
     let mut created = 0;
     let mut limited = None;

@@ -133,15 +133,19 @@ impl Stack {
             .unwrap_or(0)
     }
 
-    async fn create(&self, body: Value) -> String {
-        let response = self
-            .api
+    /// `POST /shorten` with the admin key, whatever the answer.
+    async fn shorten(&self, body: &Value) -> reqwest::Response {
+        self.api
             .post(format!("{}/shorten", self.control_plane))
             .bearer_auth(ADMIN_KEY)
-            .json(&body)
+            .json(body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn create(&self, body: Value) -> String {
+        let response = self.shorten(&body).await;
         assert_eq!(response.status(), 201);
         response.json::<Value>().await.unwrap()["code"]
             .as_str()
@@ -469,13 +473,8 @@ async fn with_postgres_down_existing_links_redirect_and_every_click_ships() {
     // cache and from Redis, and each is one click event.
     let started = Instant::now();
     let response = stack
-        .api
-        .post(format!("{}/shorten", stack.control_plane))
-        .bearer_auth(ADMIN_KEY)
-        .json(&json!({"url": "https://example.com/during"}))
-        .send()
-        .await
-        .unwrap();
+        .shorten(&json!({"url": "https://example.com/during"}))
+        .await;
     assert_eq!(response.status(), 503);
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -500,14 +499,10 @@ async fn with_postgres_down_existing_links_redirect_and_every_click_ships() {
 
     // Back without restarting anything.
     pg.start_again();
+    let after = json!({"url": "https://example.com/after"});
     eventually(Duration::from_secs(15), "creates to work again", || {
-        let request = stack
-            .api
-            .post(format!("{}/shorten", stack.control_plane))
-            .bearer_auth(ADMIN_KEY)
-            .json(&json!({"url": "https://example.com/after"}))
-            .send();
-        async move { (request.await.unwrap().status() == 201).then_some(()) }
+        let request = stack.shorten(&after);
+        async move { (request.await.status() == 201).then_some(()) }
     })
     .await;
 }
