@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use redis::streams::{StreamAutoClaimReply, StreamId};
 use shortener_common::ClickEvent;
+use shortener_common::event::decode_entry;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{mpsc, watch};
 
@@ -43,6 +44,9 @@ use crate::store::{ClickRow, Store, StoreError};
 const BLOCK: Duration = Duration::from_millis(500);
 /// Entries per read at most.
 const READ_COUNT: usize = 10_000;
+/// About how many clicks a read should bring: packed entries hold up to a
+/// hundred, so the entries asked for follow their recent average size.
+const READ_CLICKS: usize = 10_000;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Dead-letter stream length (`MAXLEN ~`).
@@ -62,9 +66,10 @@ struct Chunk {
 /// A stream entry's fields, as read.
 type Fields = Vec<(String, Vec<u8>)>;
 
+/// A stream entry and its clicks (one, or a packed batch).
 struct Entry {
     id: String,
-    row: Result<(ClickEvent, ClickRow), DeadLetter>,
+    rows: Vec<Result<(ClickEvent, ClickRow), DeadLetter>>,
 }
 
 /// An entry that will not be stored, and why.
@@ -125,6 +130,7 @@ pub fn start(
         enricher,
         settings: settings.clone(),
         metrics: Metrics::new(),
+        read_count: READ_COUNT,
     };
     let writer = Writer {
         redis: writer_redis,
@@ -146,6 +152,8 @@ struct Reader {
     enricher: Enricher,
     settings: Arc<Config>,
     metrics: Metrics,
+    /// Entries asked for per read (and claim), from [`READ_CLICKS`].
+    read_count: usize,
 }
 
 impl Reader {
@@ -229,16 +237,23 @@ impl Reader {
             if ids.is_empty() {
                 continue;
             }
-            self.metrics.read.increment(ids.len() as u64);
             let delivered = Instant::now();
             let mut gone = Vec::new();
             let mut entries = Vec::with_capacity(ids.len());
+            let mut clicks = 0;
             for raw in ids {
                 if raw.fields.is_empty() {
                     gone.push(raw.id);
                 } else {
-                    entries.push(self.entry(raw));
+                    let entry = self.entry(raw);
+                    clicks += entry.rows.len();
+                    entries.push(entry);
                 }
+            }
+            self.metrics.read.increment(clicks as u64);
+            if !entries.is_empty() {
+                let per_entry = clicks.div_ceil(entries.len()).max(1);
+                self.read_count = (READ_CLICKS / per_entry).clamp(1, READ_COUNT);
             }
             if !gone.is_empty() {
                 tracing::error!(
@@ -320,7 +335,7 @@ impl Reader {
             .arg(&self.settings.group)
             .arg(&self.settings.consumer)
             .arg("COUNT")
-            .arg(READ_COUNT);
+            .arg(self.read_count);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
@@ -373,7 +388,7 @@ impl Reader {
                     .arg(self.settings.claim_idle.as_millis() as u64)
                     .arg(cursor)
                     .arg("COUNT")
-                    .arg(READ_COUNT),
+                    .arg(self.read_count),
             )
             .await?;
         if !reply.deleted_ids.is_empty() {
@@ -396,33 +411,34 @@ impl Reader {
     }
 
     fn entry(&mut self, raw: RawEntry) -> Entry {
-        let decoded = ClickEvent::from_stream_fields(raw.fields.chunks_exact(2).map(|pair| {
-            (
-                std::str::from_utf8(bytes(&pair[0])).unwrap_or(""),
-                bytes(&pair[1]),
-            )
-        }));
-        let row = match decoded {
-            Ok(event) => {
-                let row = self.enricher.row(&event);
-                Ok((event, row))
-            }
-            Err(error) => Err(DeadLetter {
-                entry_id: raw.id.clone(),
-                reason: error.to_string(),
-                fields: raw
-                    .fields
-                    .chunks_exact(2)
-                    .map(|pair| {
-                        (
-                            String::from_utf8_lossy(bytes(&pair[0])).into_owned(),
-                            bytes(&pair[1]).to_vec(),
-                        )
-                    })
-                    .collect(),
-            }),
-        };
-        Entry { id: raw.id, row }
+        let fields: Vec<(&str, &[u8])> = raw
+            .fields
+            .chunks_exact(2)
+            .map(|pair| {
+                (
+                    std::str::from_utf8(bytes(&pair[0])).unwrap_or(""),
+                    bytes(&pair[1]),
+                )
+            })
+            .collect();
+        let rows = decode_entry(&fields)
+            .into_iter()
+            .map(|click| match click {
+                Ok(event) => {
+                    let row = self.enricher.row(&event);
+                    Ok((event, row))
+                }
+                Err((error, pairs)) => Err(DeadLetter {
+                    entry_id: raw.id.clone(),
+                    reason: error.to_string(),
+                    fields: pairs
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value.to_vec()))
+                        .collect(),
+                }),
+            })
+            .collect();
+        Entry { id: raw.id, rows }
     }
 }
 
@@ -489,6 +505,8 @@ struct Pending {
 struct Batch {
     /// Every entry to acknowledge once the batch is stored.
     ids: Vec<String>,
+    /// Clicks the batch was made of (rows, duplicates and bad ones).
+    clicks: usize,
     rows: Vec<Pending>,
     bad: Vec<DeadLetter>,
     seen: HashSet<uuid::Uuid>,
@@ -503,6 +521,7 @@ impl Batch {
     fn new(chunk: &Chunk) -> Self {
         Self {
             ids: Vec::new(),
+            clicks: 0,
             rows: Vec::new(),
             bad: Vec::new(),
             seen: HashSet::new(),
@@ -518,21 +537,24 @@ impl Batch {
         self.delivered = self.delivered.min(chunk.delivered);
         self.ids.extend(chunk.gone);
         for entry in chunk.entries {
-            self.ids.push(entry.id.clone());
-            match entry.row {
-                Ok((event, row)) => {
-                    if self.seen.insert(row.event_id) {
-                        self.rows.push(Pending {
-                            entry_id: entry.id,
-                            event,
-                            row,
-                        });
-                    } else {
-                        duplicates.increment(1);
+            self.clicks += entry.rows.len();
+            for row in entry.rows {
+                match row {
+                    Ok((event, row)) => {
+                        if self.seen.insert(row.event_id) {
+                            self.rows.push(Pending {
+                                entry_id: entry.id.clone(),
+                                event,
+                                row,
+                            });
+                        } else {
+                            duplicates.increment(1);
+                        }
                     }
+                    Err(dead) => self.bad.push(dead),
                 }
-                Err(dead) => self.bad.push(dead),
             }
+            self.ids.push(entry.id);
         }
     }
 
@@ -578,7 +600,7 @@ impl Writer {
                 tokio::time::Instant::from_std(first.delivered + self.settings.batch_age);
             let mut batch = Batch::new(&first);
             batch.add(first, &self.metrics.duplicates);
-            while batch.ids.len() < self.settings.batch_size {
+            while batch.clicks < self.settings.batch_size {
                 tokio::select! {
                     chunk = rx.recv() => match chunk {
                         // Rows that may be stored are checked as one batch;

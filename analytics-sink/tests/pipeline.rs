@@ -24,6 +24,7 @@ use keygen::testing::InProcessKeygen;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
 use shortener_common::ClickEvent;
+use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS};
 use shortener_common::testing::{
     ManagedProcess, TestClickHouse, TestPostgres, TestRedis, eventually, free_port, geoip_db,
     unique_name, until_http_status,
@@ -147,27 +148,48 @@ impl Pipeline {
 
     /// Writes `n` events for `code` straight into the stream, as the edge
     /// would, and returns their ids.
+    /// Writes `n` click events for `code` to the stream, in groups of 100
+    /// that alternate between the two entry forms: one packed entry (as the
+    /// edge writes) and one entry per click (as earlier edges did).
     fn produce(&self, code: &str, n: usize) -> Vec<u128> {
         let mut conn = self.redis_conn();
         let mut ids = Vec::with_capacity(n);
         for chunk_start in (0..n).step_by(1000) {
             let mut pipe = redis::pipe();
-            for i in chunk_start..n.min(chunk_start + 1000) {
-                let event = ClickEvent {
-                    event_id: rand::random(),
-                    code: code.to_owned(),
-                    ts_ms: now_ms(),
-                    ip: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
-                    user_agent: Some(CHROME_WINDOWS.to_owned()),
-                    referer: None,
-                    accept_language: Some("en-GB".to_owned()),
-                };
-                ids.push(event.event_id);
-                let cmd = pipe.cmd("XADD").arg(&self.stream).arg("*");
-                for (name, value) in event.to_stream_fields() {
-                    cmd.arg(name).arg(value);
+            for group in (chunk_start..n.min(chunk_start + 1000)).step_by(100) {
+                let packed = (group / 100).is_multiple_of(2);
+                let mut clicks = Vec::new();
+                for i in group..n.min(group + 100) {
+                    let event = ClickEvent {
+                        event_id: rand::random(),
+                        code: code.to_owned(),
+                        ts_ms: now_ms(),
+                        ip: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
+                        user_agent: Some(CHROME_WINDOWS.to_owned()),
+                        referer: None,
+                        accept_language: Some("en-GB".to_owned()),
+                    };
+                    ids.push(event.event_id);
+                    if packed {
+                        event.write_packed(&mut clicks);
+                    } else {
+                        let cmd = pipe.cmd("XADD").arg(&self.stream).arg("*");
+                        for (name, value) in event.to_stream_fields() {
+                            cmd.arg(name).arg(value);
+                        }
+                        cmd.ignore();
+                    }
                 }
-                cmd.ignore();
+                if packed {
+                    pipe.cmd("XADD")
+                        .arg(&self.stream)
+                        .arg("*")
+                        .arg(PACKED_FIELDS)
+                        .arg(PACKED_COLUMNS)
+                        .arg(PACKED_CLICKS)
+                        .arg(clicks)
+                        .ignore();
+                }
             }
             pipe.query::<()>(&mut conn).unwrap();
         }
@@ -797,19 +819,12 @@ fn edge_binary() -> std::path::PathBuf {
     binary
 }
 
-/// Every click event in the stream for `code`: its Referer, per entry.
+/// Every click event in the stream for `code`: its Referer, per click.
 fn stream_referers(pipeline: &Pipeline, code: &str) -> Vec<String> {
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&pipeline.stream)
-        .arg("-")
-        .arg("+")
-        .query(&mut pipeline.redis_conn())
-        .unwrap();
-    entries
-        .ids
-        .iter()
-        .filter(|entry| entry.get::<String>("code").as_deref() == Some(code))
-        .map(|entry| entry.get::<String>("ref").unwrap_or_default())
+    shortener_common::testing::stream_clicks(&mut pipeline.redis_conn(), &pipeline.stream)
+        .into_iter()
+        .filter(|click| click.code == code)
+        .map(|click| click.referer.unwrap_or_default())
         .collect()
 }
 

@@ -9,9 +9,10 @@
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
 //! - Batches are numbered per edge process and written one at a time by a
-//!   Lua script that `XADD`s every click and records the batch number under
-//!   the process's own key, atomically, and does nothing for a number already
-//!   recorded. A batch whose outcome is unknown (a timeout, a dropped
+//!   Lua script that `XADD`s the batch as one packed entry (up to
+//!   [`MAX_BATCH`] clicks; format in `shortener_common::event`) and records
+//!   the batch number under the process's own key, atomically, and does
+//!   nothing for a number already recorded. A batch whose outcome is unknown (a timeout, a dropped
 //!   connection) is retried with the same number, so it can never land
 //!   twice.
 //! - While Redis is unreachable the shipper keeps clicks and retries with
@@ -29,15 +30,16 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use shortener_common::ClickEvent;
-use shortener_common::event::STREAM_FIELDS;
+use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record};
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{mpsc, watch};
 
 use crate::journal::{Journal, JournalShipping};
 
-/// Most clicks written by one script call: bounds how long Redis is busy
-/// with one batch (a few milliseconds).
-pub(crate) const MAX_BATCH: usize = 2_000;
+/// Most clicks in one packed stream entry (one script call). Small enough
+/// that `CLICK_STREAM_MAXLEN` in clicks is a tight bound in entries, large
+/// enough that Redis's cost per call is spread thin.
+pub(crate) const MAX_BATCH: usize = 100;
 /// How long an edge's batch-number key outlives its last batch.
 pub(crate) const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3_600;
 /// Backoff between retries while Redis is unreachable.
@@ -139,7 +141,7 @@ impl Encoded {
 pub struct ShipperConfig {
     /// Redis stream key (`CLICK_STREAM`).
     pub stream: String,
-    /// `MAXLEN ~` of the stream (`CLICK_STREAM_MAXLEN`).
+    /// Clicks the stream holds at most (`CLICK_STREAM_MAXLEN`).
     pub max_len: u64,
     /// Clicks held in memory at most (`EDGE_CLICK_QUEUE`).
     pub capacity: usize,
@@ -276,32 +278,51 @@ struct Shipping {
     stop: watch::Receiver<Option<Duration>>,
 }
 
-/// The batch script. KEYS: stream, this process's batch-number key (a hash
-/// with field `batch`). ARGV:
-/// max length, batch number, key TTL, then seven values per click in
-/// `STREAM_FIELDS` order. Returns the clicks added (0 for a batch already
-/// written).
+/// The batch script. KEYS: stream, the batch-number key (a hash with field
+/// `batch`). ARGV: max length in entries, batch number, key TTL, the
+/// packed entry's `fields` and `clicks`. Adds the batch as one packed entry
+/// (see `shortener_common::event`) and returns 1, or 0 for a batch already
+/// written.
 pub(crate) fn script() -> redis::Script {
-    let pairs: Vec<String> = STREAM_FIELDS
-        .iter()
-        .enumerate()
-        .map(|(i, name)| format!("'{name}', ARGV[i + {i}]"))
-        .collect();
     redis::Script::new(&format!(
         r"
 if tonumber(redis.call('HGET', KEYS[2], 'batch') or '0') >= tonumber(ARGV[2]) then
   return 0
 end
-for i = 4, #ARGV, {n} do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', {pairs})
-end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', '{PACKED_FIELDS}', ARGV[4], '{PACKED_CLICKS}', ARGV[5])
 redis.call('HSET', KEYS[2], 'batch', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-return (#ARGV - 3) / {n}
-",
-        n = STREAM_FIELDS.len(),
-        pairs = pairs.join(", ")
+return 1
+"
     ))
+}
+
+/// One call of the batch [`script`]: `batch` written as one packed entry
+/// numbered `number` under `sequence_key`. `max_len` (in clicks) becomes a
+/// `MAXLEN` in entries of at most [`MAX_BATCH`] clicks, so the stream never
+/// holds more than about `max_len` clicks.
+pub(crate) fn batch_invocation<'a>(
+    script: &'a redis::Script,
+    stream: &str,
+    sequence_key: &str,
+    max_len: u64,
+    number: u64,
+    batch: &[Encoded],
+) -> redis::ScriptInvocation<'a> {
+    let mut clicks = Vec::with_capacity(batch.iter().map(|c| c.bytes.len() + 7).sum());
+    for click in batch {
+        write_packed_record(&mut clicks, click.values());
+    }
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(stream)
+        .key(sequence_key)
+        .arg(max_len.div_ceil(MAX_BATCH as u64).max(1))
+        .arg(number)
+        .arg(SEQUENCE_TTL_SECS)
+        .arg(PACKED_COLUMNS)
+        .arg(clicks);
+    invocation
 }
 
 impl Shipping {
@@ -352,18 +373,14 @@ impl Shipping {
             let n = self.pending.len().min(MAX_BATCH);
             let batch: Vec<Encoded> = self.pending.drain(..n).collect();
             sequence += 1;
-            let mut invocation = script.prepare_invoke();
-            invocation
-                .key(&self.config.stream)
-                .key(&sequence_key)
-                .arg(self.config.max_len)
-                .arg(sequence)
-                .arg(SEQUENCE_TTL_SECS);
-            for event in &batch {
-                for value in event.values() {
-                    invocation.arg(value);
-                }
-            }
+            let invocation = batch_invocation(
+                &script,
+                &self.config.stream,
+                &sequence_key,
+                self.config.max_len,
+                sequence,
+                &batch,
+            );
             let mut backoff = RETRY_MIN;
             loop {
                 // Keep taking clicks while Redis works (or times out), so the

@@ -39,7 +39,7 @@ use std::time::Duration;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::watch;
 
-use crate::clicks::{Encoded, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, SEQUENCE_TTL_SECS};
+use crate::clicks::{Encoded, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, batch_invocation};
 
 const MAGIC: u8 = 0xC1;
 const HEADER: usize = 5;
@@ -430,18 +430,8 @@ impl JournalShipping {
                 continue;
             }
             let key = self.sequence_key(&front.id);
-            let mut invocation = script.prepare_invoke();
-            invocation
-                .key(&self.stream)
-                .key(&key)
-                .arg(self.max_len)
-                .arg(end)
-                .arg(SEQUENCE_TTL_SECS);
-            for click in &batch {
-                for value in click.values() {
-                    invocation.arg(value);
-                }
-            }
+            let invocation =
+                batch_invocation(&script, &self.stream, &key, self.max_len, end, &batch);
             match self
                 .ship(&invocation, &mut segments, &mut flush_deadline)
                 .await

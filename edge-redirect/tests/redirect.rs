@@ -628,33 +628,18 @@ async fn a_client_that_sends_headers_too_slowly_is_cut_off() {
     assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
 }
 
-/// The click events in the stream, as field maps, oldest first.
-fn stream_events(conn: &mut redis::Connection) -> Vec<std::collections::HashMap<String, String>> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("clicks")
-        .arg("-")
-        .arg("+")
-        .query(conn)
-        .unwrap();
-    reply
-        .ids
-        .into_iter()
-        .map(|entry| {
-            entry
-                .map
-                .into_iter()
-                .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap()))
-                .collect()
-        })
-        .collect()
+/// The click events in the stream, oldest first.
+fn stream_events(conn: &mut redis::Connection) -> Vec<shortener_common::ClickEvent> {
+    shortener_common::testing::stream_clicks(conn, "clicks")
 }
 
+/// Waits until the stream holds `len` clicks (and never more).
 async fn until_stream_len(conn: &mut redis::Connection, len: usize) {
     eventually(
         Duration::from_secs(10),
         &format!("{len} click events"),
         || {
-            let n: usize = redis::cmd("XLEN").arg("clicks").query(conn).unwrap();
+            let n = stream_events(conn).len();
             assert!(n <= len, "{n} click events, expected {len}");
             async move { (n == len).then_some(()) }
         },
@@ -688,15 +673,18 @@ async fn every_redirect_is_one_click_event_even_across_a_redis_outage() {
     until_stream_len(&mut conn, 5).await;
     let events = stream_events(&mut conn);
     let event = &events[0];
-    assert_eq!(event["code"], code);
+    assert_eq!(event.code, code);
     assert_eq!(
-        event["ip"], "203.0.113.9",
+        event.ip.to_string(),
+        "203.0.113.9",
         "X-Forwarded-For from a trusted proxy"
     );
-    assert_eq!(event["ua"], "Mozilla/5.0 test");
-    assert_eq!(event["ref"], "https://news.example.com/a");
-    assert_eq!(event["lang"], "en-GB");
-    assert_eq!(event["id"].len(), 32);
+    assert_eq!(event.user_agent.as_deref(), Some("Mozilla/5.0 test"));
+    assert_eq!(event.referer.as_deref(), Some("https://news.example.com/a"));
+    assert_eq!(event.accept_language.as_deref(), Some("en-GB"));
+    // The five clicks are distinct events.
+    let ids: std::collections::HashSet<u128> = events.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 5);
 
     // Redis goes away: redirects go on, clicks wait in the edge and arrive
     // once it is back, each exactly once.
@@ -707,9 +695,9 @@ async fn every_redirect_is_one_click_event_even_across_a_redis_outage() {
     stack.redis.start_again();
     let mut conn = stack.redis_conn();
     until_stream_len(&mut conn, 25).await;
-    let ids: std::collections::HashSet<String> = stream_events(&mut conn)
+    let ids: std::collections::HashSet<u128> = stream_events(&mut conn)
         .into_iter()
-        .map(|e| e["id"].clone())
+        .map(|e| e.event_id)
         .collect();
     assert_eq!(ids.len(), 25);
 }
@@ -744,7 +732,7 @@ async fn a_full_click_queue_drops_the_oldest_clicks() {
     let refs: Vec<String> = stream_events(&mut conn)
         .into_iter()
         .skip(1)
-        .map(|e| e["ref"].clone())
+        .map(|e| e.referer.unwrap_or_default())
         .collect();
     let expected: Vec<String> = std::iter::once(0)
         .chain(20..30)
@@ -780,8 +768,7 @@ async fn shutdown_ships_the_clicks_still_held() {
         .unwrap()
         .unwrap();
     let mut conn = stack.redis_conn();
-    let n: usize = redis::cmd("XLEN").arg("clicks").query(&mut conn).unwrap();
-    assert_eq!(n, 16);
+    assert_eq!(stream_events(&mut conn).len(), 16);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -837,9 +824,9 @@ async fn clicks_a_stopping_edge_could_not_ship_stay_in_its_journal_for_the_next(
     tokio::spawn(next.run_until(std::future::pending()));
     let mut conn = stack.redis_conn();
     until_stream_len(&mut conn, 16).await;
-    let ids: std::collections::HashSet<String> = stream_events(&mut conn)
+    let ids: std::collections::HashSet<u128> = stream_events(&mut conn)
         .into_iter()
-        .map(|e| e["id"].clone())
+        .map(|e| e.event_id)
         .collect();
     assert_eq!(ids.len(), 16);
     // The adopted segment is deleted once shipped; the new edge has its own.
