@@ -153,7 +153,9 @@ impl Application {
 }
 
 /// Publishes the consumer group's lag and pending count every few seconds,
-/// over the API's Redis connection.
+/// over the API's Redis connection. Both count stream entries: a packed
+/// entry holds up to 100 clicks (the gauges keep their `_events` names,
+/// which dashboards and alerts use).
 async fn report_lag(
     api: Arc<api::Api>,
     config: Arc<Config>,

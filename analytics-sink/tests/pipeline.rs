@@ -24,7 +24,7 @@ use keygen::testing::InProcessKeygen;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
 use shortener_common::ClickEvent;
-use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS};
+use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record};
 use shortener_common::testing::{
     ManagedProcess, TestClickHouse, TestPostgres, TestRedis, eventually, free_port, geoip_db,
     unique_name, until_http_status,
@@ -1023,10 +1023,39 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
     let _: String = redis::cmd("XADD")
         .arg(&pipeline.stream)
         .arg("*")
-        .arg(broken.map(|(n, v)| [n.to_owned(), v]).concat())
+        .arg(broken.clone().map(|(n, v)| [n.to_owned(), v]).concat())
         .query(&mut conn)
         .unwrap();
-    let more = pipeline.produce("fine", 500).len() as u64;
+    // A packed entry with two bad records among three good clicks: the good
+    // ones are stored, each bad record is dead-lettered on its own.
+    let mut clicks = Vec::new();
+    for i in 0..3 {
+        ClickEvent {
+            event_id: rand::random(),
+            code: "fine".into(),
+            ts_ms: now_ms(),
+            ip: std::net::Ipv4Addr::new(192, 0, 2, 10 + i).into(),
+            user_agent: None,
+            referer: None,
+            accept_language: None,
+        }
+        .write_packed(&mut clicks);
+        match i {
+            0 => clicks.extend_from_slice(b"half\x1fa record\n"),
+            1 => write_packed_record(&mut clicks, broken.iter().map(|(_, v)| v.as_bytes())),
+            _ => {}
+        }
+    }
+    let _: String = redis::cmd("XADD")
+        .arg(&pipeline.stream)
+        .arg("*")
+        .arg(PACKED_FIELDS)
+        .arg(PACKED_COLUMNS)
+        .arg(PACKED_CLICKS)
+        .arg(clicks)
+        .query(&mut conn)
+        .unwrap();
+    let more = pipeline.produce("fine", 500).len() as u64 + 3;
 
     let sink = pipeline.start_sink("sink-d", &[]).await;
     pipeline
@@ -1034,7 +1063,7 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
         .await;
     let dead = format!("{}-dead", pipeline.stream);
     let entries: Vec<HashMap<String, String>> =
-        eventually(Duration::from_secs(10), "three dead letters", || {
+        eventually(Duration::from_secs(10), "five dead letters", || {
             let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
                 .arg(&dead)
                 .arg("-")
@@ -1051,7 +1080,7 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
                         .collect()
                 })
                 .collect();
-            async move { (parsed.len() == 3).then_some(parsed) }
+            async move { (parsed.len() == 5).then_some(parsed) }
         })
         .await;
     assert!(
@@ -1059,11 +1088,18 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
             .iter()
             .any(|e| e["error"].contains("field `id` is missing"))
     );
-    assert!(
+    assert_eq!(
         entries
             .iter()
-            .any(|e| e["error"].contains("field `ip` is not valid"))
+            .filter(|e| e["error"].contains("field `ip` is not valid"))
+            .count(),
+        2,
+        "a bad single entry and a bad packed record"
     );
+    assert!(entries.iter().any(|e| {
+        e["error"].contains("a packed record has 2 values for 7 columns")
+            && e.get("record").map(String::as_str) == Some("half\x1fa record")
+    }));
     let refused = entries
         .iter()
         .find(|e| {
@@ -1081,7 +1117,7 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
         async move { (pending == 0).then_some(()) }
     })
     .await;
-    assert_eq!(sink.metric("analytics_sink_dead_letters_total").await, 3.0);
+    assert_eq!(sink.metric("analytics_sink_dead_letters_total").await, 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

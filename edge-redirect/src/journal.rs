@@ -39,7 +39,7 @@ use std::time::Duration;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::watch;
 
-use crate::clicks::{Encoded, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, batch_invocation};
+use crate::clicks::{Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, batch_invocation};
 
 const MAGIC: u8 = 0xC1;
 const HEADER: usize = 5;
@@ -376,7 +376,15 @@ impl JournalShipping {
         let script = crate::clicks::script();
         let mut segments: VecDeque<Segment> = self.journal.take_segments().into();
         let mut flush_deadline: Option<tokio::time::Instant> = None;
+        // When the last call started, if its batch was not full.
+        let mut linger_from: Option<tokio::time::Instant> = None;
         loop {
+            if let Some(from) = linger_from.take() {
+                let now = tokio::time::Instant::now();
+                if flush_deadline.is_none() && now < from + LINGER {
+                    self.wait(from + LINGER - now, &mut flush_deadline).await;
+                }
+            }
             let bytes = self.rotate_and_cap(&mut segments);
             backlog.set(bytes as f64);
             let Some(front) = segments.front_mut() else {
@@ -432,6 +440,7 @@ impl JournalShipping {
             let key = self.sequence_key(&front.id);
             let invocation =
                 batch_invocation(&script, &self.stream, &key, self.max_len, end, &batch);
+            linger_from = (batch.len() < MAX_BATCH).then(tokio::time::Instant::now);
             match self
                 .ship(&invocation, &mut segments, &mut flush_deadline)
                 .await
