@@ -13,6 +13,10 @@
 //!    server's CPU time per redirect (user + system time of its processes
 //!    from /proc, divided by requests served), which does not depend on the
 //!    load generator.
+//!    A second pair runs with one serving thread each: the edge with
+//!    `EDGE_WORKER_THREADS=1` (events on) and nginx with
+//!    `worker_processes 1`, since on these two cores wrk and Redis compete
+//!    with the servers' own threads.
 //!    Redis's CPU time during the events-on rounds is reported too: it is
 //!    what shipping click events costs outside the edge.
 //! 4. Empty cache: an edge whose entries expire after 1 ms, so every request
@@ -203,6 +207,47 @@ fn start_edge(
     ManagedProcess::spawn("edge-redirect", command, 15)
 }
 
+/// nginx serving `dir/links.map` as 302s with `worker_processes`
+/// `workers`, no access log; its process and port, once it answers.
+async fn start_nginx(dir: &Path, workers: &str) -> (ManagedProcess, u16) {
+    let port = free_port();
+    let user = if running_as_root() {
+        "user nobody nogroup;"
+    } else {
+        ""
+    };
+    let d = dir.display();
+    let conf = dir.join(format!("nginx-{workers}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "{user}\nworker_processes {workers};\ndaemon off;\npid {d}/nginx-{workers}.pid;\nerror_log {d}/error.log error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               map_hash_max_size 262144;\n  map_hash_bucket_size 128;\n\
+               map $uri $target {{\n    default \"\";\n    include {d}/links.map;\n  }}\n\
+               server {{\n    listen 127.0.0.1:{port} reuseport backlog=4096;\n\
+                 location / {{\n      if ($target = \"\") {{ return 404; }}\n      return 302 $target;\n    }}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new("nginx");
+    command
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdout(Stdio::null());
+    let nginx = ManagedProcess::spawn("nginx", command, 3);
+    until_http_status(
+        &format!("http://127.0.0.1:{port}/x"),
+        404,
+        Duration::from_secs(30),
+    )
+    .await;
+    (nginx, port)
+}
+
 /// Requests every code once from the edge on `port`, checking each
 /// redirect's `Location`.
 async fn warm(plain: &reqwest::Client, port: u16, links: &[(String, String)]) {
@@ -338,7 +383,15 @@ async fn run() {
         off_admin,
         &[("EDGE_CLICK_EVENTS", "false")],
     );
-    for admin in [edge_admin, journal_admin, off_admin] {
+    let (one_port, one_admin) = (free_port(), free_port());
+    let edge_one = start_edge(
+        &redis,
+        &control_plane,
+        one_port,
+        one_admin,
+        &[("EDGE_WORKER_THREADS", "1")],
+    );
+    for admin in [edge_admin, journal_admin, off_admin, one_admin] {
         until_http_status(
             &format!("http://127.0.0.1:{admin}/healthz"),
             200,
@@ -353,48 +406,19 @@ async fn run() {
     warm(&plain, edge_port, &links).await;
     warm(&plain, journal_port, &links).await;
     warm(&plain, off_port, &links).await;
+    warm(&plain, one_port, &links).await;
 
-    // nginx with the same mappings.
+    // nginx with the same mappings: `worker_processes auto` (the reference)
+    // and 1 (against the one-thread edge).
     let nginx_dir = dir.path().join("nginx");
     std::fs::create_dir_all(&nginx_dir).unwrap();
-    let nginx_port = free_port();
     let mut map = std::fs::File::create(nginx_dir.join("links.map")).unwrap();
     for (code, url) in &links {
         writeln!(map, "/{code} \"{url}\";").unwrap();
     }
-    let user = if running_as_root() {
-        "user nobody nogroup;"
-    } else {
-        ""
-    };
-    let d = nginx_dir.display();
-    std::fs::write(
-        nginx_dir.join("nginx.conf"),
-        format!(
-            "{user}\nworker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log error;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-               map_hash_max_size 262144;\n  map_hash_bucket_size 128;\n\
-               map $uri $target {{\n    default \"\";\n    include {d}/links.map;\n  }}\n\
-               server {{\n    listen 127.0.0.1:{nginx_port} reuseport backlog=4096;\n\
-                 location / {{\n      if ($target = \"\") {{ return 404; }}\n      return 302 $target;\n    }}\n  }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    let mut nginx_cmd = Command::new("nginx");
-    nginx_cmd
-        .arg("-c")
-        .arg(nginx_dir.join("nginx.conf"))
-        .arg("-e")
-        .arg(nginx_dir.join("error.log"))
-        .stdout(Stdio::null());
-    let nginx = ManagedProcess::spawn("nginx", nginx_cmd, 3);
-    until_http_status(
-        &format!("http://127.0.0.1:{nginx_port}/x"),
-        404,
-        Duration::from_secs(30),
-    )
-    .await;
+    drop(map);
+    let (nginx, nginx_port) = start_nginx(&nginx_dir, "auto").await;
+    let (nginx_one, nginx_one_port) = start_nginx(&nginx_dir, "1").await;
 
     // 3. wrk rounds, alternating.
     let codes_file = dir.path().join("codes.txt");
@@ -420,6 +444,9 @@ async fn run() {
     let edge_pids = [edge.pid()];
     let redis_pids: Vec<u32> = redis.pid().into_iter().collect();
     let nginx_all = nginx_pids(nginx.pid());
+    let nginx_one_all = nginx_pids(nginx_one.pid());
+    let mut one_rounds = Vec::new();
+    let mut nginx_one_rounds = Vec::new();
     let mut edge_rounds = Vec::new();
     let mut journal_rounds = Vec::new();
     let mut off_rounds = Vec::new();
@@ -449,6 +476,18 @@ async fn run() {
             &nginx_all,
             &[],
         ));
+        one_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{one_port}"),
+            &script,
+            &[edge_one.pid()],
+            &redis_pids,
+        ));
+        nginx_one_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{nginx_one_port}"),
+            &script,
+            &nginx_one_all,
+            &[],
+        ));
     }
     let summary = |rounds: &[Round]| {
         (
@@ -468,6 +507,8 @@ async fn run() {
     let (j_rps, j_p50, j_p99, j_cpu) = summary(&journal_rounds);
     let (o_rps, o_p50, o_p99, o_cpu) = summary(&off_rounds);
     let (n_rps, n_p50, n_p99, n_cpu) = summary(&nginx_rounds);
+    let (e1_rps, e1_p50, e1_p99, e1_cpu) = summary(&one_rounds);
+    let (n1_rps, n1_p50, n1_p99, n1_cpu) = summary(&nginx_one_rounds);
     let events = shortener_common::testing::stream_clicks(
         &mut redis::Client::open(redis.url())
             .unwrap()
@@ -477,8 +518,10 @@ async fn run() {
     )
     .len();
     drop(nginx);
+    drop(nginx_one);
     drop(edge);
     drop(edge_off);
+    drop(edge_one);
 
     // 4. Empty cache: every request a miss answered by Redis.
     let (cold_port, cold_admin) = (free_port(), free_port());
@@ -576,6 +619,24 @@ async fn run() {
         e_rps / n_rps,
         e_p99 / n_p99,
         e_cpu / n_cpu
+    );
+    println!(
+        "  one serving thread each (EDGE_WORKER_THREADS=1, worker_processes 1), click events on:"
+    );
+    println!(
+        "    edge:  {e1_rps:>9.0} req/s  p50 {e1_p50:.2} ms  p99 {e1_p99:.2} ms  CPU {e1_cpu:.1} us/redirect"
+    );
+    println!(
+        "    nginx: {n1_rps:>9.0} req/s  p50 {n1_p50:.2} ms  p99 {n1_p99:.2} ms  CPU {n1_cpu:.1} us/redirect"
+    );
+    println!(
+        "    edge/nginx: throughput {:.2}x, p99 {:.2}x, CPU per redirect {:.2}x; against nginx auto: throughput {:.2}x, p99 {:.2}x, CPU per redirect {:.2}x",
+        e1_rps / n1_rps,
+        e1_p99 / n1_p99,
+        e1_cpu / n1_cpu,
+        e1_rps / n_rps,
+        e1_p99 / n_p99,
+        e1_cpu / n_cpu
     );
     println!(
         "  click events on/off: throughput {:.2}x, CPU per redirect {:.2}x in the edge, plus {e_redis_cpu:.1} us/redirect in Redis; {events} events in the stream (trimmed to CLICK_STREAM_MAXLEN)",

@@ -383,10 +383,7 @@ impl Shipping {
                 continue;
             }
             let Some(redis) = self.redis.clone() else {
-                // Events off: counted as accepted, nothing to ship.
-                let n = self.pending.len();
-                self.pending.clear();
-                self.depth.fetch_sub(n, Ordering::Relaxed);
+                // Events off: `take_arrived` keeps nothing.
                 continue;
             };
 
@@ -477,6 +474,12 @@ impl Shipping {
     /// Encodes the clicks in `raw` into `pending`, dropping the oldest held
     /// clicks beyond the capacity.
     fn take_arrived(&mut self, raw: &mut Vec<RawClick>) {
+        if self.redis.is_none() {
+            // Events off: counted as accepted, nothing to encode or ship.
+            self.depth.fetch_sub(raw.len(), Ordering::Relaxed);
+            raw.clear();
+            return;
+        }
         self.pending.extend(raw.drain(..).map(RawClick::encode));
         let excess = self.pending.len().saturating_sub(self.config.capacity);
         if excess > 0 {
