@@ -1,10 +1,12 @@
 //! Click events, from the hot path to the Redis stream.
 //!
 //! The hot path hands each click to [`ClickQueue::push`], which never waits:
-//! one atomic add and an unbounded channel send. What crosses the channel is
-//! a [`RawClick`] that shares the request's header bytes (no copy). The
-//! shipper task, off the hot path, encodes clicks compactly, keeps at most
-//! `capacity` of them, and ships them in batches to the stream.
+//! it encodes the click's values into one small allocation (about 250 bytes
+//! for a browser click) and sends that down an unbounded channel. Holding
+//! the request's header bytes instead would keep hyper's read buffer shared,
+//! so it would have to allocate a new one for the next request, and each
+//! header would be reference-counted twice across threads. The shipper task
+//! keeps at most `capacity` clicks and ships them in batches to the stream.
 //!
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
@@ -54,22 +56,23 @@ const TAKE_EVERY: Duration = Duration::from_millis(10);
 pub(crate) const RETRY_MIN: Duration = Duration::from_millis(50);
 pub(crate) const RETRY_MAX: Duration = Duration::from_secs(1);
 
-pub struct RawClick {
+/// A click as the request sees it, borrowing the request's code and headers.
+pub struct RawClick<'a> {
     pub event_id: u128,
-    pub code: Box<str>,
+    pub code: &'a str,
     pub ts_ms: i64,
     pub ip: IpAddr,
-    pub user_agent: Option<HeaderValue>,
-    pub referer: Option<HeaderValue>,
-    pub accept_language: Option<HeaderValue>,
+    pub user_agent: Option<&'a HeaderValue>,
+    pub referer: Option<&'a HeaderValue>,
+    pub accept_language: Option<&'a HeaderValue>,
 }
 
-impl RawClick {
+impl RawClick<'_> {
     pub fn into_event(self) -> ClickEvent {
-        let text = |v: Option<HeaderValue>| v.and_then(|v| v.to_str().ok().map(str::to_owned));
+        let text = |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok().map(str::to_owned));
         ClickEvent {
             event_id: self.event_id,
-            code: self.code.into(),
+            code: self.code.to_owned(),
             ts_ms: self.ts_ms,
             ip: self.ip,
             user_agent: text(self.user_agent),
@@ -80,7 +83,7 @@ impl RawClick {
 
     /// The click's stream field values in one allocation (about 250 bytes
     /// for a browser click), so a long backlog stays small in memory.
-    fn encode(self) -> Encoded {
+    fn encode(&self) -> Encoded {
         let mut bytes = Vec::with_capacity(256);
         let ends = self.write_values(&mut bytes);
         Encoded {
@@ -96,10 +99,8 @@ impl RawClick {
         use std::io::Write;
         let start = out.len();
         let mut ends = [0u16; 7];
-        fn text(v: &Option<HeaderValue>) -> &[u8] {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .map_or(&[], str::as_bytes)
+        fn text<'h>(v: &Option<&'h HeaderValue>) -> &'h [u8] {
+            v.and_then(|v| v.to_str().ok()).map_or(&[], str::as_bytes)
         }
         for (i, end) in ends.iter_mut().enumerate() {
             let before = out.len();
@@ -163,7 +164,8 @@ pub struct ClickQueue {
     /// Where clicks go first when there is a journal (the channel is then
     /// unused).
     journal: Option<Arc<Journal>>,
-    tx: mpsc::UnboundedSender<RawClick>,
+    /// None when click events are off: clicks are only counted.
+    tx: Option<mpsc::UnboundedSender<Encoded>>,
     /// Clicks pushed and not yet shipped or dropped (channel and shipper).
     depth: Arc<AtomicUsize>,
     accepted: metrics::Counter,
@@ -194,7 +196,8 @@ impl ClickQueue {
         journal: Option<Arc<Journal>>,
         config: ShipperConfig,
     ) -> (Self, Shipper) {
-        let (tx, rx) = mpsc::unbounded_channel::<RawClick>();
+        let (tx, rx) = mpsc::unbounded_channel::<Encoded>();
+        let tx = redis.is_some().then_some(tx);
         let depth = Arc::new(AtomicUsize::new(0));
         let (stop_tx, stop_rx) = watch::channel(None);
         let dropped = metrics::counter!("edge_click_events_dropped_total");
@@ -245,7 +248,7 @@ impl ClickQueue {
         )
     }
 
-    pub fn push(&self, click: RawClick) {
+    pub fn push(&self, click: RawClick<'_>) {
         self.accepted.increment(1);
         if let Some(journal) = &self.journal {
             if let Err(error) = journal.append(&click) {
@@ -254,8 +257,12 @@ impl ClickQueue {
             }
             return;
         }
+        let Some(tx) = &self.tx else {
+            // Click events off: counted, nothing to ship.
+            return;
+        };
         self.depth.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(click).is_err() {
+        if tx.send(click.encode()).is_err() {
             // The shipper has stopped (shutdown): nothing will ship it.
             self.depth.fetch_sub(1, Ordering::Relaxed);
             self.dropped.increment(1);
@@ -276,7 +283,7 @@ fn journal_write_failed(error: &std::io::Error) {
 }
 
 struct Shipping {
-    rx: mpsc::UnboundedReceiver<RawClick>,
+    rx: mpsc::UnboundedReceiver<Encoded>,
     redis: Option<Arc<LazyRedis>>,
     config: ShipperConfig,
     depth: Arc<AtomicUsize>,
@@ -464,23 +471,17 @@ impl Shipping {
     }
 
     /// Takes in the clicks already in the channel, without waiting.
-    async fn take_ready(&mut self, raw: &mut Vec<RawClick>) {
+    async fn take_ready(&mut self, raw: &mut Vec<Encoded>) {
         if !self.rx.is_empty() {
             self.rx.recv_many(raw, self.config.capacity.max(1)).await;
             self.take_arrived(raw);
         }
     }
 
-    /// Encodes the clicks in `raw` into `pending`, dropping the oldest held
+    /// Moves the clicks in `raw` into `pending`, dropping the oldest held
     /// clicks beyond the capacity.
-    fn take_arrived(&mut self, raw: &mut Vec<RawClick>) {
-        if self.redis.is_none() {
-            // Events off: counted as accepted, nothing to encode or ship.
-            self.depth.fetch_sub(raw.len(), Ordering::Relaxed);
-            raw.clear();
-            return;
-        }
-        self.pending.extend(raw.drain(..).map(RawClick::encode));
+    fn take_arrived(&mut self, raw: &mut Vec<Encoded>) {
+        self.pending.extend(raw.drain(..));
         let excess = self.pending.len().saturating_sub(self.config.capacity);
         if excess > 0 {
             self.pending.drain(..excess);
@@ -496,14 +497,18 @@ mod tests {
 
     #[test]
     fn a_raw_click_becomes_the_shared_event() {
+        let (agent, language) = (
+            HeaderValue::from_static("Mozilla/5.0"),
+            HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
         let event = RawClick {
             event_id: 42,
-            code: "abc".into(),
+            code: "abc",
             ts_ms: 7,
             ip: "192.0.2.1".parse().unwrap(),
-            user_agent: Some(HeaderValue::from_static("Mozilla/5.0")),
+            user_agent: Some(&agent),
             referer: None,
-            accept_language: Some(HeaderValue::from_bytes(b"\xff").unwrap()),
+            accept_language: Some(&language),
         }
         .into_event();
         assert_eq!(event.code, "abc");
@@ -515,13 +520,17 @@ mod tests {
 
     #[test]
     fn the_compact_encoding_holds_the_stream_fields() {
+        let (agent, referer) = (
+            HeaderValue::from_static("curl/8"),
+            HeaderValue::from_static("https://news.example/"),
+        );
         let click = || RawClick {
             event_id: 0xabc,
-            code: "xyz".into(),
+            code: "xyz",
             ts_ms: 1_767_225_600_000,
             ip: "2001:db8::7".parse().unwrap(),
-            user_agent: Some(HeaderValue::from_static("curl/8")),
-            referer: Some(HeaderValue::from_static("https://news.example/")),
+            user_agent: Some(&agent),
+            referer: Some(&referer),
             accept_language: None,
         };
         let expected = click().into_event().to_stream_fields();

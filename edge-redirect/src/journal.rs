@@ -62,7 +62,7 @@ thread_local! {
 }
 
 /// Appends one record holding `click`'s stream values to `out`.
-pub(crate) fn write_record(click: &RawClick, out: &mut Vec<u8>) {
+pub(crate) fn write_record(click: &RawClick<'_>, out: &mut Vec<u8>) {
     let start = out.len();
     out.push(MAGIC);
     out.extend_from_slice(&[0; 4]);
@@ -212,7 +212,7 @@ impl Journal {
 
     /// Writes one click; when this returns `Ok` the click survives the
     /// process.
-    pub fn append(&self, click: &RawClick) -> std::io::Result<()> {
+    pub fn append(&self, click: &RawClick<'_>) -> std::io::Result<()> {
         RECORD.with(|record| {
             let mut record = record.borrow_mut();
             record.clear();
@@ -616,17 +616,20 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn click(i: u128) -> RawClick {
+    /// A click with a code and headers of its own (leaked: a test's few).
+    fn click(i: u128) -> RawClick<'static> {
+        static AGENT: HeaderValue = HeaderValue::from_static("curl/8");
+        static REFERER: HeaderValue = HeaderValue::from_static("https://news.example/");
+        let language: &'static HeaderValue =
+            Box::leak(Box::new(HeaderValue::from_bytes(b"en\xff").unwrap()));
         RawClick {
             event_id: i,
-            code: format!("code{i}").into(),
+            code: Box::leak(format!("code{i}").into_boxed_str()),
             ts_ms: 1_767_225_600_000 + i as i64,
             ip: "2001:db8::7".parse().unwrap(),
-            user_agent: Some(HeaderValue::from_static("curl/8")),
-            referer: i
-                .is_multiple_of(2)
-                .then(|| HeaderValue::from_static("https://news.example/")),
-            accept_language: Some(HeaderValue::from_bytes(b"en\xff").unwrap()),
+            user_agent: Some(&AGENT),
+            referer: i.is_multiple_of(2).then_some(&REFERER),
+            accept_language: Some(language),
         }
     }
 

@@ -205,12 +205,12 @@ impl Edge {
                 if !head {
                     self.clicks.push(RawClick {
                         event_id: rand::random(),
-                        code: code.into(),
+                        code,
                         ts_ms: now_unix_ms(),
                         ip: visitor_ip(peer, headers.get("x-forwarded-for"), &self.trusted_proxies),
-                        user_agent: headers.get(header::USER_AGENT).cloned(),
-                        referer: headers.get(header::REFERER).cloned(),
-                        accept_language: headers.get(header::ACCEPT_LANGUAGE).cloned(),
+                        user_agent: headers.get(header::USER_AGENT),
+                        referer: headers.get(header::REFERER),
+                        accept_language: headers.get(header::ACCEPT_LANGUAGE),
                     });
                 }
                 let mut response = respond(status, &TEXT, REDIRECT_BODY, head);
