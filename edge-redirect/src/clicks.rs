@@ -161,10 +161,10 @@ pub struct ShipperConfig {
 
 #[derive(Clone)]
 pub struct ClickQueue {
-    /// Where clicks go first when there is a journal (the channel is then
-    /// unused).
+    /// Where clicks go when there is a journal.
     journal: Option<Arc<Journal>>,
-    /// None when click events are off: clicks are only counted.
+    /// Where clicks go without a journal; neither when click events are off
+    /// (clicks are only counted).
     tx: Option<mpsc::UnboundedSender<Encoded>>,
     /// Clicks pushed and not yet shipped or dropped (channel and shipper).
     depth: Arc<AtomicUsize>,
@@ -196,42 +196,48 @@ impl ClickQueue {
         journal: Option<Arc<Journal>>,
         config: ShipperConfig,
     ) -> (Self, Shipper) {
-        let (tx, rx) = mpsc::unbounded_channel::<Encoded>();
-        let tx = redis.is_some().then_some(tx);
         let depth = Arc::new(AtomicUsize::new(0));
         let (stop_tx, stop_rx) = watch::channel(None);
         let dropped = metrics::counter!("edge_click_events_dropped_total");
-        let journal = if redis.is_some() { journal } else { None };
-        let task = match (&journal, redis) {
-            (Some(journal), Some(redis)) => tokio::spawn(
-                JournalShipping {
-                    journal: journal.clone(),
-                    redis: Arc::new(redis),
-                    stream: config.stream.clone(),
-                    max_len: config.max_len,
-                    max_bytes: config.journal_max_bytes,
-                    // Several segments fit under the cap, so rotating never
-                    // drops clicks while Redis keeps up.
-                    rotate_bytes: crate::journal::ROTATE_BYTES
-                        .min(config.journal_max_bytes / 4)
-                        .max(4_096),
-                    stop: stop_rx,
-                    dropped: dropped.clone(),
-                }
-                .run(),
-            ),
-            (_, redis) => tokio::spawn(
-                Shipping {
-                    rx,
-                    redis: redis.map(Arc::new),
-                    config,
-                    depth: depth.clone(),
-                    dropped: dropped.clone(),
-                    pending: VecDeque::new(),
-                    stop: stop_rx,
-                }
-                .run(),
-            ),
+        let (journal, tx, task) = match (redis, journal) {
+            // Click events off: clicks are only counted.
+            (None, _) => (None, None, tokio::spawn(async {})),
+            (Some(redis), Some(journal)) => {
+                let task = tokio::spawn(
+                    JournalShipping {
+                        journal: journal.clone(),
+                        redis: Arc::new(redis),
+                        stream: config.stream.clone(),
+                        max_len: config.max_len,
+                        max_bytes: config.journal_max_bytes,
+                        // Several segments fit under the cap, so rotating
+                        // never drops clicks while Redis keeps up.
+                        rotate_bytes: crate::journal::ROTATE_BYTES
+                            .min(config.journal_max_bytes / 4)
+                            .max(4_096),
+                        stop: stop_rx,
+                        dropped: dropped.clone(),
+                    }
+                    .run(),
+                );
+                (Some(journal), None, task)
+            }
+            (Some(redis), None) => {
+                let (tx, rx) = mpsc::unbounded_channel::<Encoded>();
+                let task = tokio::spawn(
+                    Shipping {
+                        rx,
+                        redis: Arc::new(redis),
+                        config,
+                        depth: depth.clone(),
+                        dropped: dropped.clone(),
+                        pending: VecDeque::new(),
+                        stop: stop_rx,
+                    }
+                    .run(),
+                );
+                (None, Some(tx), task)
+            }
         };
         (
             Self {
@@ -258,7 +264,6 @@ impl ClickQueue {
             return;
         }
         let Some(tx) = &self.tx else {
-            // Click events off: counted, nothing to ship.
             return;
         };
         self.depth.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +289,7 @@ fn journal_write_failed(error: &std::io::Error) {
 
 struct Shipping {
     rx: mpsc::UnboundedReceiver<Encoded>,
-    redis: Option<Arc<LazyRedis>>,
+    redis: Arc<LazyRedis>,
     config: ShipperConfig,
     depth: Arc<AtomicUsize>,
     dropped: metrics::Counter,
@@ -389,11 +394,6 @@ impl Shipping {
                 }
                 continue;
             }
-            let Some(redis) = self.redis.clone() else {
-                // Events off: `take_arrived` keeps nothing.
-                continue;
-            };
-
             let n = self.pending.len().min(MAX_BATCH);
             let batch: Vec<Encoded> = self.pending.drain(..n).collect();
             linger_from = (n < MAX_BATCH).then(tokio::time::Instant::now);
@@ -408,19 +408,15 @@ impl Shipping {
             );
             let mut backoff = RETRY_MIN;
             loop {
-                // Keep taking clicks while Redis works (or times out), so the
-                // hot path's channel stays short and the cap holds.
-                let result = {
-                    let call = redis.invoke::<i64>(&invocation);
-                    tokio::pin!(call);
-                    let mut take = tokio::time::interval(TAKE_EVERY);
-                    loop {
-                        tokio::select! {
-                            result = &mut call => break result,
-                            _ = take.tick() => self.take_ready(&mut raw).await,
-                        }
-                    }
-                };
+                let call = self.redis.clone();
+                let result = self
+                    .while_waiting(
+                        call.invoke::<i64>(&invocation),
+                        &mut raw,
+                        &mut flush_deadline,
+                    )
+                    .await;
+                depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
                 match result {
                     Ok(_) => {
                         shipped.increment(batch.len() as u64);
@@ -440,23 +436,37 @@ impl Shipping {
                             self.dropped.increment(lost as u64);
                             return;
                         }
-                        let wait = tokio::time::sleep(backoff);
-                        tokio::pin!(wait);
-                        loop {
-                            tokio::select! {
-                                () = &mut wait => break,
-                                n = self.rx.recv_many(&mut raw, MAX_BATCH), if open => {
-                                    if n == 0 { open = false; }
-                                    self.take_arrived(&mut raw);
-                                    depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
-                                }
-                                _ = self.stop.changed(), if flush_deadline.is_none() => {
-                                    self.begin_flush(&mut flush_deadline);
-                                }
-                            }
-                        }
+                        self.while_waiting(
+                            tokio::time::sleep(backoff),
+                            &mut raw,
+                            &mut flush_deadline,
+                        )
+                        .await;
                         backoff = (backoff * 2).min(RETRY_MAX);
                     }
+                }
+            }
+        }
+    }
+
+    /// Waits for `until` (a call to Redis, a backoff), meanwhile taking in
+    /// new clicks every [`TAKE_EVERY`] (so the cap holds and the channel
+    /// stays short, without the hot path waking this task on every send)
+    /// and noting a request to stop.
+    async fn while_waiting<T>(
+        &mut self,
+        until: impl std::future::Future<Output = T>,
+        raw: &mut Vec<Encoded>,
+        flush_deadline: &mut Option<tokio::time::Instant>,
+    ) -> T {
+        tokio::pin!(until);
+        let mut take = tokio::time::interval(TAKE_EVERY);
+        loop {
+            tokio::select! {
+                out = &mut until => return out,
+                _ = take.tick() => self.take_ready(raw).await,
+                _ = self.stop.changed(), if flush_deadline.is_none() => {
+                    self.begin_flush(flush_deadline);
                 }
             }
         }
