@@ -44,9 +44,17 @@ use crate::store::{ClickRow, Store, StoreError};
 const BLOCK: Duration = Duration::from_millis(500);
 /// Entries per read at most.
 const READ_COUNT: usize = 10_000;
-/// About how many clicks a read should bring: packed entries hold up to a
-/// hundred, so the entries asked for follow their recent average size.
+/// About how many clicks a read should bring (at most the batch size):
+/// packed entries hold up to [`ENTRY_CLICKS`], so the entries asked for
+/// follow their recent average size, starting as if they were full and
+/// growing at most twofold per read.
 const READ_CLICKS: usize = 10_000;
+/// The most clicks an edge puts in one stream entry.
+const ENTRY_CLICKS: usize = 100;
+
+/// Clicks per stream entry in recent reads, in thousandths: the lag and
+/// pending counts Redis gives in entries are turned into clicks with it.
+pub type ClicksPerEntry = Arc<std::sync::atomic::AtomicU64>;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Dead-letter stream length (`MAXLEN ~`).
@@ -116,6 +124,7 @@ pub fn start(
     store: Store,
     enricher: Enricher,
     settings: Arc<Config>,
+    clicks_per_entry: ClicksPerEntry,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // Separate connections: the reader's blocking reads must not delay the
@@ -130,7 +139,8 @@ pub fn start(
         enricher,
         settings: settings.clone(),
         metrics: Metrics::new(),
-        read_count: READ_COUNT,
+        read_count: (READ_CLICKS.min(settings.batch_size) / ENTRY_CLICKS).max(1),
+        clicks_per_entry,
     };
     let writer = Writer {
         redis: writer_redis,
@@ -154,6 +164,7 @@ struct Reader {
     metrics: Metrics,
     /// Entries asked for per read (and claim), from [`READ_CLICKS`].
     read_count: usize,
+    clicks_per_entry: ClicksPerEntry,
 }
 
 impl Reader {
@@ -253,7 +264,12 @@ impl Reader {
             self.metrics.read.increment(clicks as u64);
             if !entries.is_empty() {
                 let per_entry = clicks.div_ceil(entries.len()).max(1);
-                self.read_count = (READ_CLICKS / per_entry).clamp(1, READ_COUNT);
+                let wanted = READ_CLICKS.min(self.settings.batch_size) / per_entry;
+                self.read_count = wanted.clamp(1, READ_COUNT).min(self.read_count * 2);
+                self.clicks_per_entry.store(
+                    (clicks * 1000 / entries.len()) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             if !gone.is_empty() {
                 tracing::error!(

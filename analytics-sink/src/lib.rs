@@ -122,14 +122,22 @@ impl Application {
         } = self;
         let config = Arc::new(config);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // One click per entry until a read says otherwise.
+        let clicks_per_entry = consumer::ClicksPerEntry::new(1000.into());
         let pipeline = consumer::start(
             config.redis_url.expose(),
             api.store.clone(),
             enricher,
             config.clone(),
+            clicks_per_entry.clone(),
             stop_rx.clone(),
         )?;
-        let lag = tokio::spawn(report_lag(api.clone(), config.clone(), stop_rx.clone()));
+        let lag = tokio::spawn(report_lag(
+            api.clone(),
+            config.clone(),
+            clicks_per_entry,
+            stop_rx.clone(),
+        ));
         let serving = api.clone();
         let mut http_stop = stop_rx;
         let http = tokio::spawn(shortener_common::http::serve(
@@ -153,12 +161,13 @@ impl Application {
 }
 
 /// Publishes the consumer group's lag and pending count every few seconds,
-/// over the API's Redis connection. Both count stream entries: a packed
-/// entry holds up to 100 clicks (the gauges keep their `_events` names,
-/// which dashboards and alerts use).
+/// over the API's Redis connection. Redis counts stream entries; a packed
+/// entry holds up to 100 clicks, so both are turned into clicks with the
+/// clicks per entry of the sink's recent reads (an estimate).
 async fn report_lag(
     api: Arc<api::Api>,
     config: Arc<Config>,
+    clicks_per_entry: consumer::ClicksPerEntry,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let (redis, stream, group) = (&api.redis, &config.stream, &config.group);
@@ -177,10 +186,12 @@ async fn report_lag(
                 if name.as_deref() != Some(group.as_str()) {
                     continue;
                 }
+                let per_entry =
+                    clicks_per_entry.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
                 let number = |key: &str| -> Option<f64> {
                     g.get(key)
                         .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
-                        .map(|n| n as f64)
+                        .map(|n| (n as f64 * per_entry).round())
                 };
                 if let Some(lag) = number("lag") {
                     lag_gauge.set(lag);

@@ -146,11 +146,10 @@ impl Pipeline {
             .unwrap()
     }
 
-    /// Writes `n` events for `code` straight into the stream, as the edge
-    /// would, and returns their ids.
-    /// Writes `n` click events for `code` to the stream, in groups of 100
-    /// that alternate between the two entry forms: one packed entry (as the
-    /// edge writes) and one entry per click (as earlier edges did).
+    /// Writes `n` click events for `code` straight into the stream and
+    /// returns their ids: in groups of 100 that alternate between the two
+    /// entry forms, one packed entry (as the edge writes) and one entry per
+    /// click (as earlier edges did).
     fn produce(&self, code: &str, n: usize) -> Vec<u128> {
         let mut conn = self.redis_conn();
         let mut ids = Vec::with_capacity(n);

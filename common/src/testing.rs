@@ -30,37 +30,37 @@ use std::time::{Duration, Instant};
 /// How long a throw-away server gets to start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A port that was free a moment ago on 127.0.0.1.
 /// Every click in the Redis stream `stream`, oldest first, from entries of
 /// either form (`crate::event`); panics on one that is not a click.
 pub fn stream_clicks(conn: &mut redis::Connection, stream: &str) -> Vec<crate::ClickEvent> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+    let reply: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
         .arg("+")
         .query(conn)
         .expect("XRANGE");
     let mut clicks = Vec::new();
-    for entry in reply.ids {
-        let fields: Vec<(String, Vec<u8>)> = entry
-            .map
-            .into_iter()
-            .map(|(name, value)| (name, redis::from_redis_value(value).expect("a string")))
-            .collect();
-        let pairs: Vec<(&str, &[u8])> = fields
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
+    for (id, flat) in reply {
+        let pairs: Vec<(&str, &[u8])> = flat
+            .chunks_exact(2)
+            .map(|pair| {
+                (
+                    std::str::from_utf8(&pair[0]).unwrap_or(""),
+                    pair[1].as_slice(),
+                )
+            })
             .collect();
         for click in crate::event::decode_entry(&pairs) {
             match click {
                 Ok(click) => clicks.push(click),
-                Err((error, raw)) => panic!("entry {} is not a click: {error}: {raw:?}", entry.id),
+                Err((error, raw)) => panic!("entry {id} is not a click: {error}: {raw:?}"),
             }
         }
     }
     clicks
 }
 
+/// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

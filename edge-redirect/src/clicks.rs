@@ -11,8 +11,9 @@
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
 //! - Batches are numbered per edge process and written one at a time by a
-//!   Lua script that `XADD`s the batch as one packed entry (up to
-//!   [`MAX_BATCH`] clicks; format in `shortener_common::event`) and records
+//!   Lua script that `XADD`s the batch (up to [`MAX_BATCH`] clicks) as
+//!   packed entries of up to [`ENTRY_CLICKS`] (format in
+//!   `shortener_common::event`) and records
 //!   the batch number under the process's own key, atomically, and does
 //!   nothing for a number already recorded. A batch whose outcome is unknown (a timeout, a dropped
 //!   connection) is retried with the same number, so it can never land
@@ -38,10 +39,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::journal::{Journal, JournalShipping};
 
-/// Most clicks in one packed stream entry (one script call). Small enough
-/// that `CLICK_STREAM_MAXLEN` in clicks is a tight bound in entries, large
-/// enough that Redis's cost per call is spread thin.
-pub(crate) const MAX_BATCH: usize = 100;
+/// Most clicks in one packed stream entry: large enough that Redis's cost
+/// per entry is spread thin, small enough that a sink's read of a few
+/// entries stays a modest batch.
+pub(crate) const ENTRY_CLICKS: usize = 100;
+/// Most clicks written by one script call (in entries of [`ENTRY_CLICKS`]):
+/// bounds how long Redis is busy with one call (about a millisecond) and
+/// lets a backlog drain at tens of thousands of clicks per round trip.
+pub(crate) const MAX_BATCH: usize = 2_000;
 /// How long an edge's batch-number key outlives its last batch.
 pub(crate) const SEQUENCE_TTL_SECS: u64 = 7 * 24 * 3_600;
 /// After a batch that was not full, the next waits until this long after
@@ -299,49 +304,82 @@ struct Shipping {
 }
 
 /// The batch script. KEYS: stream, the batch-number key (a hash with field
-/// `batch`). ARGV: max length in entries, batch number, key TTL, the
-/// packed entry's `fields` and `clicks`. Adds the batch as one packed entry
-/// (see `shortener_common::event`) and returns 1, or 0 for a batch already
-/// written.
+/// `batch`). ARGV: max length in entries, batch number, key TTL, the packed
+/// entries' `fields`, then each entry's `clicks`. Adds the entries (format
+/// in `shortener_common::event`) and returns how many, or 0 for a batch
+/// already written.
 pub(crate) fn script() -> redis::Script {
     redis::Script::new(&format!(
         r"
 if tonumber(redis.call('HGET', KEYS[2], 'batch') or '0') >= tonumber(ARGV[2]) then
   return 0
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', '{PACKED_FIELDS}', ARGV[4], '{PACKED_CLICKS}', ARGV[5])
+for i = 5, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', '{PACKED_FIELDS}', ARGV[4], '{PACKED_CLICKS}', ARGV[i])
+end
 redis.call('HSET', KEYS[2], 'batch', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-return 1
+return #ARGV - 4
 "
     ))
 }
 
-/// One call of the batch [`script`]: `batch` written as one packed entry
-/// numbered `number` under `sequence_key`. `max_len` (in clicks) becomes a
-/// `MAXLEN` in entries of at most [`MAX_BATCH`] clicks, so the stream never
-/// holds more than about `max_len` clicks.
+/// The stream's `MAXLEN` in entries for `CLICK_STREAM_MAXLEN` in clicks.
+/// Entries hold 1 to [`ENTRY_CLICKS`] clicks (few when traffic is low), so
+/// the clicks a process has been putting in each entry (a moving average)
+/// decide how many entries make that many clicks.
+pub(crate) struct StreamLimit {
+    max_len: u64,
+    clicks_per_entry: f64,
+}
+
+impl StreamLimit {
+    pub(crate) fn new(max_len: u64) -> Self {
+        Self {
+            max_len,
+            clicks_per_entry: 0.0,
+        }
+    }
+
+    /// The `MAXLEN` for a call writing `clicks` clicks.
+    pub(crate) fn entries_for(&mut self, clicks: usize) -> u64 {
+        let entries = clicks.div_ceil(ENTRY_CLICKS).max(1);
+        let fill = clicks.max(1) as f64 / entries as f64;
+        self.clicks_per_entry = if self.clicks_per_entry == 0.0 {
+            fill
+        } else {
+            self.clicks_per_entry + (fill - self.clicks_per_entry) / 32.0
+        };
+        ((self.max_len as f64 / self.clicks_per_entry).ceil() as u64).max(1)
+    }
+}
+
+/// One call of the batch [`script`]: `batch` written as packed entries of
+/// up to [`ENTRY_CLICKS`], numbered `number` under `sequence_key`, the
+/// stream trimmed to `max_entries`.
 pub(crate) fn batch_invocation<'a>(
     script: &'a redis::Script,
     stream: &str,
     sequence_key: &str,
-    max_len: u64,
+    max_entries: u64,
     number: u64,
     batch: &[Encoded],
 ) -> redis::ScriptInvocation<'a> {
-    let mut clicks = Vec::with_capacity(batch.iter().map(|c| c.bytes.len() + 7).sum());
-    for click in batch {
-        write_packed_record(&mut clicks, click.values());
-    }
     let mut invocation = script.prepare_invoke();
     invocation
         .key(stream)
         .key(sequence_key)
-        .arg(max_len.div_ceil(MAX_BATCH as u64).max(1))
+        .arg(max_entries)
         .arg(number)
         .arg(SEQUENCE_TTL_SECS)
-        .arg(PACKED_COLUMNS)
-        .arg(clicks);
+        .arg(PACKED_COLUMNS);
+    for entry in batch.chunks(ENTRY_CLICKS) {
+        let mut clicks = Vec::with_capacity(entry.iter().map(|c| c.bytes.len() + 7).sum());
+        for click in entry {
+            write_packed_record(&mut clicks, click.values());
+        }
+        invocation.arg(clicks);
+    }
     invocation
 }
 
@@ -359,6 +397,7 @@ impl Shipping {
             rand::random::<u64>()
         );
         let mut sequence: u64 = 0;
+        let mut limit = StreamLimit::new(self.config.max_len);
         let mut raw = Vec::with_capacity(MAX_BATCH);
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         let mut open = true;
@@ -402,7 +441,7 @@ impl Shipping {
                 &script,
                 &self.config.stream,
                 &sequence_key,
-                self.config.max_len,
+                limit.entries_for(batch.len()),
                 sequence,
                 &batch,
             );
@@ -526,6 +565,25 @@ mod tests {
         assert_eq!(event.referer, None);
         // Headers that are not text are left out rather than mangled.
         assert_eq!(event.accept_language, None);
+    }
+
+    #[test]
+    fn the_stream_limit_in_entries_follows_how_full_entries_are() {
+        let mut limit = StreamLimit::new(1_000_000);
+        // Full entries: a hundred clicks each.
+        assert_eq!(limit.entries_for(2_000), 10_000);
+        // Traffic falls to one click per call: the limit grows with it, a
+        // little per call.
+        let mut previous = 10_000;
+        for _ in 0..500 {
+            let now = limit.entries_for(1);
+            assert!(now >= previous);
+            previous = now;
+        }
+        assert!(previous > 900_000, "{previous}");
+        // A call of 150 clicks is two entries of 75.
+        let mut limit = StreamLimit::new(1_500);
+        assert_eq!(limit.entries_for(150), 20);
     }
 
     #[test]

@@ -39,7 +39,9 @@ use std::time::Duration;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::watch;
 
-use crate::clicks::{Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, batch_invocation};
+use crate::clicks::{
+    Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, StreamLimit, batch_invocation,
+};
 
 const MAGIC: u8 = 0xC1;
 const HEADER: usize = 5;
@@ -353,6 +355,7 @@ pub(crate) struct JournalShipping {
     pub journal: Arc<Journal>,
     pub redis: Arc<LazyRedis>,
     pub stream: String,
+    /// Clicks the stream holds at most (`CLICK_STREAM_MAXLEN`).
     pub max_len: u64,
     pub max_bytes: u64,
     /// [`ROTATE_BYTES`], smaller in tests.
@@ -378,6 +381,7 @@ impl JournalShipping {
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         // When the last call started, if its batch was not full.
         let mut linger_from: Option<tokio::time::Instant> = None;
+        let mut limit = StreamLimit::new(self.max_len);
         loop {
             if let Some(from) = linger_from.take() {
                 let now = tokio::time::Instant::now();
@@ -438,8 +442,14 @@ impl JournalShipping {
                 continue;
             }
             let key = self.sequence_key(&front.id);
-            let invocation =
-                batch_invocation(&script, &self.stream, &key, self.max_len, end, &batch);
+            let invocation = batch_invocation(
+                &script,
+                &self.stream,
+                &key,
+                limit.entries_for(batch.len()),
+                end,
+                &batch,
+            );
             linger_from = (batch.len() < MAX_BATCH).then(tokio::time::Instant::now);
             match self
                 .ship(&invocation, &mut segments, &mut flush_deadline)

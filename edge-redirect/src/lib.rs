@@ -78,14 +78,13 @@ pub struct Config {
     pub click_journal_max_bytes: u64,
     /// `CLICK_STREAM`, default `clicks`: the Redis stream of click events.
     pub click_stream: String,
-    /// `CLICK_STREAM_MAXLEN`, default 10000000: the most clicks the stream
-    /// holds. Entries carry up to 100 clicks, so the stream is trimmed
-    /// (`MAXLEN ~`) to a hundredth of this many entries. Clicks the sink has
+    /// `CLICK_STREAM_MAXLEN`, default 10000000: about how many clicks the
+    /// stream holds. Entries carry 1 to 100 clicks, so each edge trims the
+    /// stream (`MAXLEN ~`) to this many clicks divided by the average it has
+    /// been putting in an entry (`clicks::StreamLimit`). Clicks the sink has
     /// not read by then are lost, so it bounds the memory Redis gives the
     /// backlog when the sink is down (roughly 200 bytes per click): about
-    /// 2 minutes at 80,000 clicks/s. At low traffic an entry holds as few as
-    /// one click, and the backlog kept is as small as 100,000 clicks (hours
-    /// at ordinary traffic).
+    /// 2 minutes at 80,000 clicks/s, hours at ordinary traffic.
     pub click_stream_max_len: u64,
     /// `BLOCKLIST_FILE`, optional: domains whose links answer 410 (one per
     /// line; see `shortener_common::blocklist`). The control plane reads the
