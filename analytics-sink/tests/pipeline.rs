@@ -1170,3 +1170,70 @@ async fn a_lost_consumer_group_and_repeated_entries_count_once() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pipeline.counts(), (expected, expected));
 }
+
+/// The consumer group's lag in stream entries, from `XINFO GROUPS`.
+fn group_lag(conn: &mut redis::Connection, stream: &str) -> i64 {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(conn)
+        .unwrap();
+    groups
+        .iter()
+        .find_map(|g| redis::from_redis_value_ref::<i64>(g.get("lag")?).ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_gauge_counts_the_clicks_of_packed_entries() {
+    let pipeline = Pipeline::new(
+        Arc::new(TestRedis::start()),
+        Arc::new(external_clickhouse(&TestClickHouse::shared().url())),
+    );
+    let mut conn = pipeline.redis_conn();
+    for entry in 0..300u32 {
+        let mut clicks = Vec::new();
+        for i in 0..100u32 {
+            ClickEvent {
+                event_id: rand::random(),
+                code: "lagging".into(),
+                ts_ms: now_ms(),
+                ip: std::net::Ipv4Addr::from(0x0a00_0000 + entry * 100 + i).into(),
+                user_agent: None,
+                referer: None,
+                accept_language: None,
+            }
+            .write_packed(&mut clicks);
+        }
+        let _: String = redis::cmd("XADD")
+            .arg(&pipeline.stream)
+            .arg("*")
+            .arg(PACKED_FIELDS)
+            .arg(PACKED_COLUMNS)
+            .arg(PACKED_CLICKS)
+            .arg(clicks)
+            .query(&mut conn)
+            .unwrap();
+    }
+    // ClickHouse unreachable: the sink reads a few batches and waits, so
+    // the rest stays in the stream. Redis counts it in entries; the gauge
+    // is in clicks (a hundred per entry here).
+    let sink = pipeline.spawn_sink(
+        "sink-l",
+        &[
+            ("CLICKHOUSE_URL", "http://127.0.0.1:1"),
+            ("SINK_BATCH_SIZE", "1000"),
+        ],
+    );
+    until_http_status(&sink.url("/healthz"), 200, Duration::from_secs(30)).await;
+    let sink = &sink;
+    eventually(Duration::from_secs(20), "the lag in clicks", || {
+        let entries = group_lag(&mut conn, &pipeline.stream);
+        async move {
+            let gauge = sink.metric("analytics_sink_lag_events").await;
+            // Some entries were read, the rest wait, each counted as 100.
+            (entries > 0 && entries < 300 && gauge == entries as f64 * 100.0).then_some(())
+        }
+    })
+    .await;
+}
