@@ -567,6 +567,48 @@ mod tests {
         assert_eq!(event.accept_language, None);
     }
 
+    #[tokio::test]
+    async fn a_call_writes_entries_of_a_hundred_once_per_batch_number() {
+        let redis = shortener_common::testing::TestRedis::start();
+        let lazy = LazyRedis::new(&redis.url()).unwrap();
+        let agent = HeaderValue::from_static("curl/8");
+        let codes: Vec<String> = (0..250).map(|i| format!("c{i}")).collect();
+        let batch: Vec<Encoded> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, code)| {
+                RawClick {
+                    event_id: i as u128,
+                    code,
+                    ts_ms: 1_767_225_600_000,
+                    ip: "192.0.2.1".parse().unwrap(),
+                    user_agent: Some(&agent),
+                    referer: None,
+                    accept_language: None,
+                }
+                .encode()
+            })
+            .collect();
+        let script = script();
+        let call = batch_invocation(&script, "clicks", "{clicks}:edge:t", 1_000, 7, &batch);
+        assert_eq!(lazy.invoke::<i64>(&call).await.unwrap(), 3);
+        // The same batch number again (a retry whose first try landed)
+        // adds nothing; the next number does.
+        assert_eq!(lazy.invoke::<i64>(&call).await.unwrap(), 0);
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let len: usize = redis::cmd("XLEN").arg("clicks").query(&mut conn).unwrap();
+        assert_eq!(len, 3, "entries of 100, 100 and 50");
+        let clicks = shortener_common::testing::stream_clicks(&mut conn, "clicks");
+        let ids: Vec<u128> = clicks.iter().map(|c| c.event_id).collect();
+        assert_eq!(ids, (0..250).collect::<Vec<u128>>());
+        assert_eq!(clicks[249].code, "c249");
+        let next = batch_invocation(&script, "clicks", "{clicks}:edge:t", 1_000, 8, &batch[..1]);
+        assert_eq!(lazy.invoke::<i64>(&next).await.unwrap(), 1);
+    }
+
     #[test]
     fn the_stream_limit_in_entries_follows_how_full_entries_are() {
         let mut limit = StreamLimit::new(1_000_000);
