@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use analytics_sink::enrich::Enricher;
 use analytics_sink::store::Store;
 use shortener_common::ClickEvent;
-use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS};
+use shortener_common::event::xadd_packed;
 use shortener_common::testing::{
     ManagedProcess, TestClickHouse, TestRedis, free_port, until_http_status,
 };
@@ -121,14 +121,7 @@ async fn run() {
             for i in entry..(entry + 100).min(EVENTS) {
                 event(i).write_packed(&mut clicks);
             }
-            pipe.cmd("XADD")
-                .arg("clicks")
-                .arg("*")
-                .arg(PACKED_FIELDS)
-                .arg(PACKED_COLUMNS)
-                .arg(PACKED_CLICKS)
-                .arg(clicks)
-                .ignore();
+            pipe.add_command(xadd_packed("clicks", clicks)).ignore();
         }
         pipe.query::<()>(&mut conn).unwrap();
     }

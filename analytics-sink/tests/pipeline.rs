@@ -24,7 +24,7 @@ use keygen::testing::InProcessKeygen;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
 use shortener_common::ClickEvent;
-use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record};
+use shortener_common::event::{write_packed_record, xadd_packed};
 use shortener_common::testing::{
     ManagedProcess, TestClickHouse, TestPostgres, TestRedis, eventually, free_port, geoip_db,
     unique_name, until_http_status,
@@ -180,14 +180,7 @@ impl Pipeline {
                     }
                 }
                 if packed {
-                    pipe.cmd("XADD")
-                        .arg(&self.stream)
-                        .arg("*")
-                        .arg(PACKED_FIELDS)
-                        .arg(PACKED_COLUMNS)
-                        .arg(PACKED_CLICKS)
-                        .arg(clicks)
-                        .ignore();
+                    pipe.add_command(xadd_packed(&self.stream, clicks)).ignore();
                 }
             }
             pipe.query::<()>(&mut conn).unwrap();
@@ -1045,13 +1038,7 @@ async fn bad_entries_and_refused_rows_go_to_the_dead_letter_stream() {
             _ => {}
         }
     }
-    let _: String = redis::cmd("XADD")
-        .arg(&pipeline.stream)
-        .arg("*")
-        .arg(PACKED_FIELDS)
-        .arg(PACKED_COLUMNS)
-        .arg(PACKED_CLICKS)
-        .arg(clicks)
+    let _: String = xadd_packed(&pipeline.stream, clicks)
         .query(&mut conn)
         .unwrap();
     let more = pipeline.produce("fine", 500).len() as u64 + 3;
@@ -1205,13 +1192,7 @@ async fn the_lag_gauge_counts_the_clicks_of_packed_entries() {
             }
             .write_packed(&mut clicks);
         }
-        let _: String = redis::cmd("XADD")
-            .arg(&pipeline.stream)
-            .arg("*")
-            .arg(PACKED_FIELDS)
-            .arg(PACKED_COLUMNS)
-            .arg(PACKED_CLICKS)
-            .arg(clicks)
+        let _: String = xadd_packed(&pipeline.stream, clicks)
             .query(&mut conn)
             .unwrap();
     }

@@ -58,6 +58,20 @@ pub fn write_packed_record<'a>(out: &mut Vec<u8>, values: impl IntoIterator<Item
     out.push(RECORD_END);
 }
 
+/// The `XADD` of one packed entry holding `clicks` (packed records) to
+/// `stream`, for writers other than the edge's script (tests, benchmarks,
+/// replays).
+pub fn xadd_packed(stream: &str, clicks: Vec<u8>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("*")
+        .arg(PACKED_FIELDS)
+        .arg(PACKED_COLUMNS)
+        .arg(PACKED_CLICKS)
+        .arg(clicks);
+    cmd
+}
+
 /// One click read from a stream entry: the event, or why it is not one
 /// together with its raw `(name, value)` pairs (for a dead-letter entry).
 pub type DecodedClick<'a> = Result<ClickEvent, (EventDecodeError, Vec<(&'a str, &'a [u8])>)>;
