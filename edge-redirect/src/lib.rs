@@ -47,8 +47,9 @@ pub struct Config {
     /// remembered as unknown.
     pub negative_ttl: Duration,
     /// `EDGE_TRUSTED_PROXIES`, default `127.0.0.1,::1`: peers whose
-    /// `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<IpAddr>,
+    /// `X-Forwarded-For` is believed, comma-separated addresses or CIDR
+    /// ranges (`10.0.0.0/8`, for a pod network).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `EDGE_MAX_CONNECTIONS`, default 10000: open connections per process;
     /// more are closed at once.
     pub max_connections: usize,
@@ -117,13 +118,19 @@ impl Config {
         let trusted_proxies = proxies
             .split(',')
             .filter(|p| !p.trim().is_empty())
-            .filter_map(|p| match p.trim().parse() {
-                Ok(ip) => Some(ip),
-                Err(_) => {
-                    env.problem(format!(
-                        "EDGE_TRUSTED_PROXIES contains {p:?}, which is not an IP address"
-                    ));
-                    None
+            .filter_map(|p| {
+                let p = p.trim();
+                match p
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<IpAddr>().map(ipnet::IpNet::from))
+                {
+                    Ok(net) => Some(net.trunc()),
+                    Err(_) => {
+                        env.problem(format!(
+                            "EDGE_TRUSTED_PROXIES contains {p:?}, which is neither an IP address nor a CIDR range"
+                        ));
+                        None
+                    }
                 }
             })
             .collect();
@@ -339,4 +346,33 @@ async fn admin(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges_and_bad_ones_are_named() {
+        let config = Config::from_env(Env::from_pairs([(
+            "EDGE_TRUSTED_PROXIES",
+            "10.0.0.0/8, 192.0.2.7,fd00::/8".to_owned(),
+        )]))
+        .unwrap();
+        let nets: Vec<ipnet::IpNet> = ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(config.trusted_proxies, nets);
+        let error = Config::from_env(Env::from_pairs([(
+            "EDGE_TRUSTED_PROXIES",
+            "10.0.0.0/33,gateway".to_owned(),
+        )]))
+        .expect_err("bad ranges are refused")
+        .to_string();
+        assert!(
+            error.contains("\"10.0.0.0/33\"") && error.contains("\"gateway\""),
+            "{error}"
+        );
+    }
 }

@@ -49,8 +49,15 @@ pub fn parse_code(path: &str) -> Option<&str> {
 
 /// The visitor's address: the peer, unless the peer is a trusted proxy,
 /// in which case the right-most untrusted address of `X-Forwarded-For`.
-pub fn visitor_ip(peer: IpAddr, forwarded_for: Option<&HeaderValue>, trusted: &[IpAddr]) -> IpAddr {
-    if !trusted.contains(&peer) {
+/// IPv4 peers of a dual-stack listener (`::ffff:a.b.c.d`) count as IPv4.
+pub fn visitor_ip(
+    peer: IpAddr,
+    forwarded_for: Option<&HeaderValue>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
         return peer;
     }
     let Some(list) = forwarded_for.and_then(|v| v.to_str().ok()) else {
@@ -58,7 +65,8 @@ pub fn visitor_ip(peer: IpAddr, forwarded_for: Option<&HeaderValue>, trusted: &[
     };
     list.rsplit(',')
         .filter_map(|part| part.trim().parse::<IpAddr>().ok())
-        .find(|ip| !trusted.contains(ip))
+        .map(|ip| ip.to_canonical())
+        .find(|ip| !is_trusted(ip))
         .unwrap_or(peer)
 }
 
@@ -84,7 +92,7 @@ pub struct Edge {
     pub cache: Arc<Cache>,
     pub clicks: ClickQueue,
     pub resolver: Resolver,
-    pub trusted_proxies: Vec<IpAddr>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub counters: Counters,
 }
 
@@ -356,11 +364,42 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_for_is_trusted_from_proxy_ranges() {
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8:1::/48".parse().unwrap(),
+        ];
+        let header = HeaderValue::from_static("198.51.100.7, 10.1.2.3");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // A peer in the range: the right-most address outside it.
+        assert_eq!(
+            visitor_ip(ip("10.9.8.7"), Some(&header), &trusted),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            visitor_ip(ip("2001:db8:1::5"), Some(&header), &trusted),
+            ip("198.51.100.7")
+        );
+        // The same peer reaching a dual-stack listener.
+        assert_eq!(
+            visitor_ip(ip("::ffff:10.9.8.7"), Some(&header), &trusted),
+            ip("198.51.100.7")
+        );
+        // Just outside the ranges: the header is not believed.
+        for outside in ["11.0.0.1", "2001:db8:2::5", "::ffff:11.0.0.1"] {
+            assert_eq!(
+                visitor_ip(ip(outside), Some(&header), &trusted),
+                ip(outside).to_canonical()
+            );
+        }
+    }
+
+    #[test]
     fn forwarded_for_is_trusted_only_from_proxies() {
         let proxy: IpAddr = "127.0.0.1".parse().unwrap();
         let stranger: IpAddr = "203.0.113.9".parse().unwrap();
         let header = HeaderValue::from_static("198.51.100.7, 127.0.0.1");
-        let trusted = [proxy];
+        let trusted = [ipnet::IpNet::from(proxy)];
         assert_eq!(visitor_ip(stranger, Some(&header), &trusted), stranger);
         assert_eq!(
             visitor_ip(proxy, Some(&header), &trusted),
