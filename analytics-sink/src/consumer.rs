@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use redis::streams::{StreamAutoClaimReply, StreamId};
 use shortener_common::ClickEvent;
-use shortener_common::event::decode_entry;
+use shortener_common::event::{ENTRY_CLICKS, decode_entry};
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{mpsc, watch};
 
@@ -49,12 +49,6 @@ const READ_COUNT: usize = 10_000;
 /// follow their recent average size, starting as if they were full and
 /// growing at most twofold per read.
 const READ_CLICKS: usize = 10_000;
-/// The most clicks an edge puts in one stream entry.
-const ENTRY_CLICKS: usize = 100;
-
-/// Clicks per stream entry in recent reads, in thousandths: the lag and
-/// pending counts Redis gives in entries are turned into clicks with it.
-pub type ClicksPerEntry = Arc<std::sync::atomic::AtomicU64>;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Dead-letter stream length (`MAXLEN ~`).
@@ -70,6 +64,10 @@ struct Chunk {
     /// When these entries were last delivered to (or claimed by) us.
     delivered: Instant,
 }
+
+/// Clicks per stream entry in recent reads, in thousandths: the lag and
+/// pending counts Redis gives in entries are turned into clicks with it.
+pub type ClicksPerEntry = Arc<std::sync::atomic::AtomicU64>;
 
 /// A stream entry's fields, as read.
 type Fields = Vec<(String, Vec<u8>)>;

@@ -41,6 +41,9 @@ pub const PACKED_FIELDS: &str = "fields";
 pub const PACKED_CLICKS: &str = "clicks";
 /// The value of `fields` in the entries the edge writes.
 pub const PACKED_COLUMNS: &str = "id,code,ts,ip,ua,ref,lang";
+/// Most clicks in one packed entry. Edges keep to it; sinks size their
+/// reads by it.
+pub const ENTRY_CLICKS: usize = 100;
 /// Ends each record of a packed entry.
 pub const RECORD_END: u8 = b'\n';
 /// Separates the values of a packed record.

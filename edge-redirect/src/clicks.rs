@@ -13,9 +13,9 @@
 //! - Batches are numbered per edge process and written one at a time by a
 //!   Lua script that `XADD`s the batch (up to [`MAX_BATCH`] clicks) as
 //!   packed entries of up to [`ENTRY_CLICKS`] (format in
-//!   `shortener_common::event`) and records
-//!   the batch number under the process's own key, atomically, and does
-//!   nothing for a number already recorded. A batch whose outcome is unknown (a timeout, a dropped
+//!   `shortener_common::event`) and records the batch number under the
+//!   process's own key, atomically, and does nothing for a number already
+//!   recorded. A batch whose outcome is unknown (a timeout, a dropped
 //!   connection) is retried with the same number, so it can never land
 //!   twice.
 //! - While Redis is unreachable the shipper keeps clicks and retries with
@@ -33,16 +33,14 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use shortener_common::ClickEvent;
-use shortener_common::event::{PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record};
+use shortener_common::event::{
+    ENTRY_CLICKS, PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record,
+};
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{mpsc, watch};
 
 use crate::journal::{Journal, JournalShipping};
 
-/// Most clicks in one packed stream entry: large enough that Redis's cost
-/// per entry is spread thin, small enough that a sink's read of a few
-/// entries stays a modest batch.
-pub(crate) const ENTRY_CLICKS: usize = 100;
 /// Most clicks written by one script call (in entries of [`ENTRY_CLICKS`]):
 /// bounds how long Redis is busy with one call (about a millisecond) and
 /// lets a backlog drain at tens of thousands of clicks per round trip.
@@ -330,7 +328,7 @@ struct Shipping {
 /// entries' `fields`, then each entry's `clicks`. Adds the entries (format
 /// in `shortener_common::event`) and returns how many, or 0 for a batch
 /// already written.
-pub(crate) fn script() -> redis::Script {
+fn script() -> redis::Script {
     redis::Script::new(&format!(
         r"
 if tonumber(redis.call('HGET', KEYS[2], 'batch') or '0') >= tonumber(ARGV[2]) then
@@ -376,33 +374,50 @@ impl StreamLimit {
     }
 }
 
-/// One call of the batch [`script`]: `batch` written as packed entries of
-/// up to [`ENTRY_CLICKS`], numbered `number` under `sequence_key`, the
-/// stream trimmed to `max_entries`.
-pub(crate) fn batch_invocation<'a>(
-    script: &'a redis::Script,
-    stream: &str,
-    sequence_key: &str,
-    max_entries: u64,
-    number: u64,
-    batch: &[Encoded],
-) -> redis::ScriptInvocation<'a> {
-    let mut invocation = script.prepare_invoke();
-    invocation
-        .key(stream)
-        .key(sequence_key)
-        .arg(max_entries)
-        .arg(number)
-        .arg(SEQUENCE_TTL_SECS)
-        .arg(PACKED_COLUMNS);
-    for entry in batch.chunks(ENTRY_CLICKS) {
-        let mut clicks = Vec::with_capacity(entry.iter().map(|c| c.bytes.len() + 7).sum());
-        for click in entry {
-            write_packed_record(&mut clicks, click.values());
+/// Writes batches to the stream with the batch [`script`], trimming it to
+/// about `CLICK_STREAM_MAXLEN` clicks: what the memory shipper and the
+/// journal shipper share.
+pub(crate) struct BatchWriter {
+    script: redis::Script,
+    stream: String,
+    limit: StreamLimit,
+}
+
+impl BatchWriter {
+    pub(crate) fn new(stream: String, max_len: u64) -> Self {
+        Self {
+            script: script(),
+            stream,
+            limit: StreamLimit::new(max_len),
         }
-        invocation.arg(clicks);
     }
-    invocation
+
+    /// One call of the script: `batch` written as packed entries of up to
+    /// [`ENTRY_CLICKS`], numbered `number` under `sequence_key`.
+    pub(crate) fn invocation(
+        &mut self,
+        sequence_key: &str,
+        number: u64,
+        batch: &[Encoded],
+    ) -> redis::ScriptInvocation<'_> {
+        let max_entries = self.limit.entries_for(batch.len());
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(&self.stream)
+            .key(sequence_key)
+            .arg(max_entries)
+            .arg(number)
+            .arg(SEQUENCE_TTL_SECS)
+            .arg(PACKED_COLUMNS);
+        for entry in batch.chunks(ENTRY_CLICKS) {
+            let mut clicks = Vec::with_capacity(entry.iter().map(|c| c.bytes.len() + 7).sum());
+            for click in entry {
+                write_packed_record(&mut clicks, click.values());
+            }
+            invocation.arg(clicks);
+        }
+        invocation
+    }
 }
 
 impl Shipping {
@@ -410,7 +425,7 @@ impl Shipping {
         let shipped = metrics::counter!("edge_click_events_shipped_total");
         let errors = metrics::counter!("edge_click_ship_errors_total");
         let depth_gauge = metrics::gauge!("edge_click_queue_depth");
-        let script = script();
+        let mut writer = BatchWriter::new(self.config.stream.clone(), self.config.max_len);
         // One key per edge process; the hash tag keeps it in the stream's
         // slot on a Redis Cluster, as a script's keys must be.
         let sequence_key = format!(
@@ -419,7 +434,6 @@ impl Shipping {
             rand::random::<u64>()
         );
         let mut sequence: u64 = 0;
-        let mut limit = StreamLimit::new(self.config.max_len);
         let mut raw = Vec::with_capacity(MAX_BATCH);
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         let mut open = true;
@@ -442,10 +456,12 @@ impl Shipping {
                 && self.pending.len() < MAX_BATCH
                 && flush_deadline.is_none()
             {
-                tokio::select! {
-                    () = tokio::time::sleep_until(from + LINGER) => {}
-                    _ = self.stop.changed() => self.begin_flush(&mut flush_deadline),
-                }
+                self.while_waiting(
+                    tokio::time::sleep_until(from + LINGER),
+                    &mut raw,
+                    &mut flush_deadline,
+                )
+                .await;
                 self.take_ready(&mut raw).await;
             }
             depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
@@ -459,14 +475,7 @@ impl Shipping {
             let batch: Vec<Encoded> = self.pending.drain(..n).collect();
             linger_from = (n < MAX_BATCH).then(tokio::time::Instant::now);
             sequence += 1;
-            let invocation = batch_invocation(
-                &script,
-                &self.config.stream,
-                &sequence_key,
-                limit.entries_for(batch.len()),
-                sequence,
-                &batch,
-            );
+            let invocation = writer.invocation(&sequence_key, sequence, &batch);
             let mut backoff = RETRY_MIN;
             loop {
                 let call = self.redis.clone();
@@ -510,7 +519,7 @@ impl Shipping {
         }
     }
 
-    /// Waits for `until` (a call to Redis, a backoff), meanwhile taking in
+    /// Waits for `until` (a linger, a call to Redis, a backoff), meanwhile taking in
     /// new clicks every [`TAKE_EVERY`] (so the cap holds and the channel
     /// stays short, without the hot path waking this task on every send)
     /// and noting a request to stop.
@@ -611,8 +620,8 @@ mod tests {
                 .encode()
             })
             .collect();
-        let script = script();
-        let call = batch_invocation(&script, "clicks", "{clicks}:edge:t", 1_000, 7, &batch);
+        let mut writer = BatchWriter::new("clicks".into(), 100_000);
+        let call = writer.invocation("{clicks}:edge:t", 7, &batch);
         assert_eq!(lazy.invoke::<i64>(&call).await.unwrap(), 3);
         // The same batch number again (a retry whose first try landed)
         // adds nothing; the next number does.
@@ -627,7 +636,7 @@ mod tests {
         let ids: Vec<u128> = clicks.iter().map(|c| c.event_id).collect();
         assert_eq!(ids, (0..250).collect::<Vec<u128>>());
         assert_eq!(clicks[249].code, "c249");
-        let next = batch_invocation(&script, "clicks", "{clicks}:edge:t", 1_000, 8, &batch[..1]);
+        let next = writer.invocation("{clicks}:edge:t", 8, &batch[..1]);
         assert_eq!(lazy.invoke::<i64>(&next).await.unwrap(), 1);
     }
 

@@ -39,9 +39,7 @@ use std::time::Duration;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::watch;
 
-use crate::clicks::{
-    Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick, StreamLimit, batch_invocation,
-};
+use crate::clicks::{BatchWriter, Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick};
 
 const MAGIC: u8 = 0xC1;
 const HEADER: usize = 5;
@@ -376,12 +374,11 @@ impl JournalShipping {
     pub(crate) async fn run(mut self) {
         let shipped = metrics::counter!("edge_click_events_shipped_total");
         let backlog = metrics::gauge!("edge_click_journal_bytes");
-        let script = crate::clicks::script();
+        let mut writer = BatchWriter::new(self.stream.clone(), self.max_len);
         let mut segments: VecDeque<Segment> = self.journal.take_segments().into();
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         // When the last call started, if its batch was not full.
         let mut linger_from: Option<tokio::time::Instant> = None;
-        let mut limit = StreamLimit::new(self.max_len);
         loop {
             if let Some(from) = linger_from.take() {
                 let now = tokio::time::Instant::now();
@@ -442,14 +439,7 @@ impl JournalShipping {
                 continue;
             }
             let key = self.sequence_key(&front.id);
-            let invocation = batch_invocation(
-                &script,
-                &self.stream,
-                &key,
-                limit.entries_for(batch.len()),
-                end,
-                &batch,
-            );
+            let invocation = writer.invocation(&key, end, &batch);
             linger_from = (batch.len() < MAX_BATCH).then(tokio::time::Instant::now);
             match self
                 .ship(&invocation, &mut segments, &mut flush_deadline)
