@@ -1,9 +1,14 @@
-//! The hot-mapping cache: a sharded `DashSet` of boxed entries, found by
-//! code, each holding a ready-made answer (status and a pre-built `Location`
-//! header value), so a hit clones a reference-counted header and allocates
-//! nothing. The table holds one pointer per link, not the entry: tables
-//! double, so at most sizes they are about half empty, and an empty 8-byte
-//! slot costs far less than an empty 80-byte one (see docs/BENCHMARKS.md).
+//! The hot-mapping cache: a sharded `DashSet` of slots, found by code, each
+//! holding a ready-made answer (status and the pre-built bytes of the
+//! `Location` header value), so a hit allocates nothing.
+//!
+//! A hit's cost is memory latency: every line it reads is usually cold.
+//! So a slot lives in the table itself (40 bytes), and all its bytes (the
+//! expiry, the code and the location) live in one allocation together with
+//! their reference count (`Bytes::from_owner` of an inline buffer). A hit
+//! reads three places: the table's control bytes, the slot, and that
+//! allocation, whose first line holds the count, the expiry and the code.
+//! The `Location` value handed to hyper is a reference-counted slice of it.
 //!
 //! Eviction is CLOCK (second chance), swept in batches: every hit sets the
 //! entry's `referenced` bit; when the map grows 5 % past its capacity, one
@@ -20,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use dashmap::DashSet;
 use http::{HeaderValue, StatusCode};
 
@@ -41,37 +47,147 @@ pub enum Target {
     Missing,
 }
 
-struct Entry {
-    /// Inline for codes up to 24 bytes (every generated one), so comparing
-    /// it reads the entry's own memory.
-    code: compact_str::CompactString,
-    target: Target,
+/// `Slot::kind` for answers that are not redirects (a redirect's kind is
+/// its status, at least 100).
+const MISSING: u16 = 0;
+const DISABLED: u16 = 1;
+const BLOCKED: u16 = 2;
+
+/// Bytes of the expiry at the start of `Slot::bytes`.
+const EXPIRY: usize = 8;
+
+/// One cached answer, stored in the table itself.
+struct Slot {
+    /// `[expires_at_ms: i64, little-endian][code length: u8][code][location]`,
+    /// in one allocation with its reference count (see `pack`).
+    bytes: Bytes,
+    /// The redirect status, or `MISSING`, `DISABLED` or `BLOCKED`.
+    kind: u16,
     /// Seconds since the cache was created, when the entry was fetched.
     fetched_at: u32,
     referenced: AtomicBool,
 }
 
-/// A set element: the boxed entry, found by its code. The table holds only
-/// this pointer (8 bytes a slot, in tables half empty after they double),
-/// and the entry lives in one allocation of its own.
-struct Slot(Box<Entry>);
+impl Slot {
+    /// `None` for a code longer than 255 bytes (never a valid one).
+    fn new(code: &str, target: &Target, fetched_at: u32) -> Option<Self> {
+        let code_len = u8::try_from(code.len()).ok()?;
+        let (kind, location, expires_at_ms) = match target {
+            Target::Redirect {
+                status,
+                location,
+                expires_at_ms,
+            } => (status.as_u16(), location.as_bytes(), *expires_at_ms),
+            Target::Missing => (MISSING, &[][..], 0),
+            Target::Disabled => (DISABLED, &[][..], 0),
+            Target::Blocked => (BLOCKED, &[][..], 0),
+        };
+        let mut text = Vec::with_capacity(EXPIRY + 1 + code.len() + location.len());
+        text.extend_from_slice(&expires_at_ms.to_le_bytes());
+        text.push(code_len);
+        text.extend_from_slice(code.as_bytes());
+        text.extend_from_slice(location);
+        Some(Self {
+            bytes: pack(&text),
+            kind,
+            fetched_at,
+            referenced: AtomicBool::new(false),
+        })
+    }
+
+    fn location_start(&self) -> usize {
+        EXPIRY + 1 + usize::from(self.bytes[EXPIRY])
+    }
+
+    fn code(&self) -> &str {
+        // Always UTF-8: the bytes were copied from a `&str`.
+        std::str::from_utf8(&self.bytes[EXPIRY + 1..self.location_start()]).unwrap_or_default()
+    }
+
+    fn location(&self) -> &[u8] {
+        &self.bytes[self.location_start()..]
+    }
+
+    fn target(&self) -> Option<Target> {
+        Some(match self.kind {
+            MISSING => Target::Missing,
+            DISABLED => Target::Disabled,
+            BLOCKED => Target::Blocked,
+            status => {
+                let mut expiry = [0; EXPIRY];
+                expiry.copy_from_slice(&self.bytes[..EXPIRY]);
+                Target::Redirect {
+                    status: StatusCode::from_u16(status).ok()?,
+                    // A counted slice of the slot's bytes, which were
+                    // copied from a valid header value: no copy.
+                    location: HeaderValue::from_maybe_shared(
+                        self.bytes.slice(self.location_start()..),
+                    )
+                    .ok()?,
+                    expires_at_ms: i64::from_le_bytes(expiry),
+                }
+            }
+        })
+    }
+}
+
+/// An owner keeping up to `N` bytes inline, so that `Bytes::from_owner`
+/// puts the reference count and the bytes in one allocation.
+struct Inline<const N: usize> {
+    len: u16,
+    buf: [u8; N],
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+fn inline<const N: usize>(text: &[u8]) -> Bytes {
+    let mut buf = [0; N];
+    buf[..text.len()].copy_from_slice(text);
+    Bytes::from_owner(Inline {
+        len: text.len() as u16,
+        buf,
+    })
+}
+
+/// `text` in one allocation with its reference count. The sizes make the
+/// allocation (8 bytes of count, 2 of length, the buffer) a multiple of 16
+/// bytes; past 502 bytes the count lives apart.
+fn pack(text: &[u8]) -> Bytes {
+    match text.len() {
+        0..=54 => inline::<54>(text),
+        55..=70 => inline::<70>(text),
+        71..=86 => inline::<86>(text),
+        87..=102 => inline::<102>(text),
+        103..=118 => inline::<118>(text),
+        119..=150 => inline::<150>(text),
+        151..=182 => inline::<182>(text),
+        183..=246 => inline::<246>(text),
+        247..=374 => inline::<374>(text),
+        375..=502 => inline::<502>(text),
+        _ => Bytes::copy_from_slice(text),
+    }
+}
 
 impl std::borrow::Borrow<str> for Slot {
     fn borrow(&self) -> &str {
-        self.0.code.as_str()
+        self.code()
     }
 }
 
 // Hash and equality must agree with `str`'s, for lookups by `&str`.
 impl std::hash::Hash for Slot {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.code.as_str().hash(state);
+        self.code().hash(state);
     }
 }
 
 impl PartialEq for Slot {
     fn eq(&self, other: &Self) -> bool {
-        self.0.code == other.0.code
+        self.code() == other.code()
     }
 }
 
@@ -118,27 +234,23 @@ impl Cache {
     /// The cached answer, if there is a fresh one.
     pub fn get(&self, code: &str) -> Option<Target> {
         let slot = self.map.get(code)?;
-        let entry = &slot.0;
-        let ttl = match entry.target {
-            Target::Missing => self.negative_ttl,
+        let ttl = match slot.kind {
+            MISSING => self.negative_ttl,
             _ => self.max_age,
         };
-        if u64::from(self.now_secs().saturating_sub(entry.fetched_at)) >= ttl.as_secs().max(1) {
+        if u64::from(self.now_secs().saturating_sub(slot.fetched_at)) >= ttl.as_secs().max(1) {
             return None;
         }
-        if !entry.referenced.load(Ordering::Relaxed) {
-            entry.referenced.store(true, Ordering::Relaxed);
+        if !slot.referenced.load(Ordering::Relaxed) {
+            slot.referenced.store(true, Ordering::Relaxed);
         }
-        Some(entry.target.clone())
+        slot.target()
     }
 
     pub fn insert(self: &Arc<Self>, code: &str, target: Target) {
-        let slot = Slot(Box::new(Entry {
-            code: compact_str::CompactString::new(code),
-            target,
-            fetched_at: self.now_secs(),
-            referenced: AtomicBool::new(false),
-        }));
+        let Some(slot) = Slot::new(code, &target, self.now_secs()) else {
+            return;
+        };
         // A set keeps the element it has: replace it.
         self.map.remove(code);
         self.map.insert(slot);
@@ -161,7 +273,7 @@ impl Cache {
     pub fn sweep(&self) {
         let mut evicted = 0u64;
         self.map.retain(|slot| {
-            let keep = slot.0.referenced.swap(false, Ordering::Relaxed);
+            let keep = slot.referenced.swap(false, Ordering::Relaxed);
             evicted += u64::from(!keep);
             keep
         });
@@ -207,12 +319,10 @@ impl Cache {
     /// already running checked the old list, so they are not cached.
     pub fn drop_blocklisted(&self, list: &shortener_common::blocklist::Blocklist) {
         self.cleared.fetch_add(1, Ordering::AcqRel);
-        self.map.retain(|slot| match &slot.0.target {
-            Target::Redirect { location, .. } => {
-                location.to_str().map_or(true, |url| !list.blocks_url(url))
-            }
-            Target::Blocked => false,
-            Target::Disabled | Target::Missing => true,
+        self.map.retain(|slot| match slot.kind {
+            BLOCKED => false,
+            MISSING | DISABLED => true,
+            _ => std::str::from_utf8(slot.location()).map_or(true, |url| !list.blocks_url(url)),
         });
     }
 
@@ -239,6 +349,42 @@ mod tests {
             location: HeaderValue::from_static(url),
             expires_at_ms: 0,
         }
+    }
+
+    /// Every size of packed slot gives back exactly what was stored, for
+    /// codes from 1 to 64 bytes and locations across every inline size and
+    /// past them; a code over 255 bytes is simply not cached.
+    #[test]
+    fn slots_of_every_size_give_back_what_was_stored() {
+        let cache = Cache::new(100_000, Duration::from_secs(3600), Duration::from_secs(60));
+        let mut stored = Vec::new();
+        for (i, url_len) in (20..=1100).step_by(7).enumerate() {
+            let code = "c".repeat(1 + i % 64) + &i.to_string();
+            let url = format!("https://example.com/{}", "p".repeat(url_len - 20));
+            let target = Target::Redirect {
+                status: [StatusCode::FOUND, StatusCode::MOVED_PERMANENTLY][i % 2],
+                location: HeaderValue::from_str(&url).unwrap(),
+                expires_at_ms: [0, 1_700_000_000_123, -5][i % 3],
+            };
+            cache.insert(&code, target.clone());
+            stored.push((code, target));
+        }
+        for (i, kind) in [Target::Missing, Target::Disabled, Target::Blocked].into_iter().enumerate() {
+            cache.insert(&format!("k{i}"), kind.clone());
+            stored.push((format!("k{i}"), kind));
+        }
+        for (code, target) in &stored {
+            assert_eq!(cache.get(code).as_ref(), Some(target), "{code}");
+        }
+        assert_eq!(cache.len(), stored.len());
+        // A hit hands out a view of the slot, which outlives the slot.
+        let Some(Target::Redirect { location, .. }) = cache.get(&stored[0].0) else {
+            panic!("not a redirect");
+        };
+        cache.clear();
+        assert_eq!(location.as_bytes(), b"https://example.com/");
+        cache.insert(&"x".repeat(256), Target::Missing);
+        assert!(cache.is_empty());
     }
 
     #[test]
