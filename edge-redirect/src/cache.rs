@@ -369,7 +369,10 @@ mod tests {
             cache.insert(&code, target.clone());
             stored.push((code, target));
         }
-        for (i, kind) in [Target::Missing, Target::Disabled, Target::Blocked].into_iter().enumerate() {
+        for (i, kind) in [Target::Missing, Target::Disabled, Target::Blocked]
+            .into_iter()
+            .enumerate()
+        {
             cache.insert(&format!("k{i}"), kind.clone());
             stored.push((format!("k{i}"), kind));
         }

@@ -53,8 +53,9 @@ pub struct Config {
     /// `EDGE_MAX_CONNECTIONS`, default 10000: open connections per process;
     /// more are closed at once.
     pub max_connections: usize,
-    /// `EDGE_HEADER_TIMEOUT_MS`, default 5000: a client must send its
-    /// request headers within this.
+    /// `EDGE_HEADER_TIMEOUT_MS`, default 5000: a connection must complete
+    /// its next request's headers within this of opening or of its last
+    /// answer; it is closed after 1 to 1.25 times this (`server::watchdog`).
     pub header_timeout: Duration,
     /// `EDGE_MAX_HEADER_BYTES`, default 16384.
     pub max_header_bytes: usize,

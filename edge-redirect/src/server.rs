@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -249,6 +250,53 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
+/// One connection's share of the server.
+struct Connection {
+    edge: Arc<Edge>,
+    /// Bumped when a request's head has been read and again when its
+    /// response is ready: odd while one is being answered.
+    progress: AtomicU32,
+}
+
+impl Connection {
+    fn step(&self) {
+        // Only the connection's own task writes it.
+        let n = self.progress.load(Ordering::Relaxed);
+        self.progress.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+/// Closes a connection that has not completed a request head within
+/// `timeout` of opening or of its last answer: slow or stalled headers,
+/// and idle keep-alive connections (as hyper's header-read timeout does).
+/// It looks every quarter of `timeout`, so it closes after `timeout` to
+/// 1.25 x `timeout` without progress.
+async fn watchdog(state: Arc<Connection>, task: tokio::task::AbortHandle, timeout: Duration) {
+    let tick = (timeout / 4).max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = state.progress.load(Ordering::Relaxed);
+    let mut quiet = 0;
+    loop {
+        ticks.tick().await;
+        if task.is_finished() {
+            return;
+        }
+        let now = state.progress.load(Ordering::Relaxed);
+        if now != seen || now % 2 == 1 {
+            seen = now;
+            quiet = 0;
+            continue;
+        }
+        quiet += 1;
+        if quiet >= 4 {
+            metrics::counter!("edge_connections_timed_out_total").increment(1);
+            task.abort();
+            return;
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`, then drains for up to `drain`.
 pub async fn serve(
     listener: TcpListener,
@@ -259,11 +307,11 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // No hyper timer: hyper's header-read timeout allocates and arms a
+    // timer for every request. Each connection's `watchdog` does that job
+    // with one timer tick per quarter of the timeout.
     let mut builder = http1::Builder::new();
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder.max_buf_size(limits.max_header_bytes.max(8192));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {
@@ -283,27 +331,43 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let edge = edge.clone();
-        let service = service_fn(move |request| {
-            let edge = edge.clone();
-            async move {
-                let started = timed().then(std::time::Instant::now);
-                let response = edge.handle(request, peer.ip()).await;
-                edge.counters.count(response.status());
-                if let Some(started) = started {
-                    edge.counters
-                        .duration
-                        .record(started.elapsed().as_secs_f64());
-                }
-                Ok::<_, Infallible>(response)
-            }
+        // Per connection, so the reference counted per request is not
+        // shared with other threads' connections.
+        let state = Arc::new(Connection {
+            edge: edge.clone(),
+            progress: AtomicU32::new(0),
         });
+        let service = {
+            let state = state.clone();
+            service_fn(move |request| {
+                let state = state.clone();
+                async move {
+                    state.step();
+                    let edge = &state.edge;
+                    let started = timed().then(std::time::Instant::now);
+                    let response = edge.handle(request, peer.ip()).await;
+                    edge.counters.count(response.status());
+                    if let Some(started) = started {
+                        edge.counters
+                            .duration
+                            .record(started.elapsed().as_secs_f64());
+                    }
+                    state.step();
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
         let conn =
             graceful.watch(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _ = conn.await;
             drop(slot);
         });
+        tokio::spawn(watchdog(
+            state,
+            task.abort_handle(),
+            limits.header_read_timeout,
+        ));
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())

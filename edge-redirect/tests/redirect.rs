@@ -628,6 +628,46 @@ async fn a_client_that_sends_headers_too_slowly_is_cut_off() {
     assert_eq!(stack.get(&format!("/{code}")).await.0, 302);
 }
 
+/// The header-read timeout is a watchdog per connection: a keep-alive
+/// connection that keeps asking is never cut, however long it lives; one
+/// that goes quiet is closed after the timeout (500 ms here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_keep_alive_connection_stays_and_an_idle_one_is_closed() {
+    let stack = Stack::start().await;
+    let code = stack
+        .create(json!({"url": "https://example.com/kept"}))
+        .await;
+    let mut conn = TcpStream::connect(("127.0.0.1", stack.edge_port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!("GET /{code} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = [0u8; 1024];
+    let started = Instant::now();
+    let mut answered = 0;
+    let mut last_answer = Instant::now();
+    // 2.5 s of requests every 200 ms: five timeouts' worth.
+    while started.elapsed() < Duration::from_millis(2500) {
+        conn.write_all(request.as_bytes()).unwrap();
+        let n = conn.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 302"), "{head}");
+        assert!(
+            head.contains("location: https://example.com/kept"),
+            "{head}"
+        );
+        answered += 1;
+        last_answer = Instant::now();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(answered >= 10, "{answered}");
+    let n = conn.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "idle connection still open");
+    let waited = last_answer.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(2),
+        "closed after {waited:?}"
+    );
+}
+
 /// The click events in the stream, oldest first.
 fn stream_events(conn: &mut redis::Connection) -> Vec<shortener_common::ClickEvent> {
     shortener_common::testing::stream_clicks(conn, "clicks")
