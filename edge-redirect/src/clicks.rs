@@ -1,12 +1,18 @@
 //! Click events, from the hot path to the Redis stream.
 //!
-//! The hot path hands each click to [`ClickQueue::push`], which never waits:
-//! it encodes the click's values into one small allocation (about 250 bytes
-//! for a browser click) and sends that down an unbounded channel. Holding
-//! the request's header bytes instead would keep hyper's read buffer shared,
-//! so it would have to allocate a new one for the next request, and each
-//! header would be reference-counted twice across threads. The shipper task
-//! keeps at most `capacity` clicks and ships them in batches to the stream.
+//! The hot path hands each click to [`ClickQueue::push`], which never waits
+//! on anything but its own thread's slot: it writes the click as a packed
+//! record (the stream's format, about 250 bytes for a browser click) onto
+//! the bunch of its worker thread's slot. A bunch of [`ENTRY_CLICKS`] goes
+//! down an unbounded channel as it fills; the shipper takes partial bunches
+//! itself when it has nothing else to ship (and at least every
+//! `SWEEP_EVERY`), and a push that starts a bunch wakes an idle shipper, so
+//! a lone click is shipped at once. Each bunch becomes one stream entry
+//! as it is, so a click is copied twice after the request (into its bunch,
+//! into the Redis command), and no allocation, channel send or shared
+//! counter is paid per click. Encoding from the request's headers rather
+//! than holding them keeps hyper's read buffer unshared. The shipper keeps
+//! at most about `capacity` clicks and ships them in batches to the stream.
 //!
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
@@ -19,25 +25,28 @@
 //!   connection) is retried with the same number, so it can never land
 //!   twice.
 //! - While Redis is unreachable the shipper keeps clicks and retries with
-//!   backoff. Beyond `capacity` it drops the oldest clicks that are not in
-//!   the batch being retried, and counts each drop in
+//!   backoff. Beyond `capacity` it drops the oldest bunches that are not in
+//!   the batch being retried, and counts each dropped click in
 //!   `edge_click_events_dropped_total`.
-//! - On shutdown the shipper flushes what it holds (for up to the drain
-//!   period) before the process exits.
+//! - On shutdown the shipper takes the partial bunches a last time (later
+//!   pushes are dropped and counted) and flushes what it holds (for up to
+//!   the drain period) before the process exits.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderValue;
 use shortener_common::ClickEvent;
 use shortener_common::event::{
-    ENTRY_CLICKS, PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record,
+    ENTRY_CLICKS, PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, RECORD_END, VALUE_SEPARATOR,
+    write_packed_record,
 };
 use shortener_common::redis_conn::LazyRedis;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::journal::{Journal, JournalShipping};
 
@@ -55,6 +64,11 @@ pub(crate) const LINGER: Duration = Duration::from_millis(2);
 /// How often the memory shipper takes in new clicks while a call is out,
 /// to hold the cap; rarely, so the hot path's sends seldom wake it.
 const TAKE_EVERY: Duration = Duration::from_millis(10);
+/// Bunches taken from the channel at once.
+const RECEIVE: usize = 1_024;
+/// Longest a partial bunch waits in its slot while full ones keep the
+/// shipper busy.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
 /// Backoff between retries while Redis is unreachable.
 pub(crate) const RETRY_MIN: Duration = Duration::from_millis(50);
 pub(crate) const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -86,6 +100,7 @@ impl RawClick<'_> {
 
     /// The click's stream field values in one allocation (about 250 bytes
     /// for a browser click), so a long backlog stays small in memory.
+    #[cfg(test)]
     fn encode(&self) -> Encoded {
         let mut bytes = Vec::with_capacity(256);
         let ends = self.write_values(&mut bytes);
@@ -99,6 +114,19 @@ impl RawClick<'_> {
     /// [`ClickEvent::to_stream_fields`] writes them, without building the
     /// event; returns where each ends, counted from where it started.
     pub(crate) fn write_values(&self, out: &mut Vec<u8>) -> [u16; 7] {
+        self.write(out, None)
+    }
+
+    /// Appends the click as one packed record (the stream's format, see
+    /// `shortener_common::event`): the values separated by
+    /// [`VALUE_SEPARATOR`], then [`RECORD_END`]. Neither byte can occur in
+    /// a header value, a code, a number or an address.
+    pub(crate) fn write_record(&self, out: &mut Vec<u8>) {
+        self.write(out, Some(VALUE_SEPARATOR));
+        out.push(RECORD_END);
+    }
+
+    fn write(&self, out: &mut Vec<u8>, separator: Option<u8>) -> [u16; 7] {
         use std::io::Write;
         let start = out.len();
         let mut ends = [0u16; 7];
@@ -106,6 +134,9 @@ impl RawClick<'_> {
             v.and_then(|v| v.to_str().ok()).map_or(&[], str::as_bytes)
         }
         for (i, end) in ends.iter_mut().enumerate() {
+            if let (Some(separator), 1..) = (separator, i) {
+                out.push(separator);
+            }
             let before = out.len();
             // Formatted by hand: `write!` costs more than the rest of a
             // click's encoding on the hot path.
@@ -190,11 +221,86 @@ pub struct ClickQueue {
     journal: Option<Arc<Journal>>,
     /// Where clicks go without a journal; neither when click events are off
     /// (clicks are only counted).
-    tx: Option<mpsc::UnboundedSender<Encoded>>,
-    /// Clicks pushed and not yet shipped or dropped (channel and shipper).
-    depth: Arc<AtomicUsize>,
+    gather: Option<Arc<Gather>>,
     accepted: metrics::Counter,
     dropped: metrics::Counter,
+}
+
+/// Clicks in the stream's packed record format, written straight from
+/// requests: one stream entry's worth at most ([`ENTRY_CLICKS`]), shipped
+/// as one entry.
+#[derive(Default)]
+pub(crate) struct Bunch {
+    records: Vec<u8>,
+    clicks: usize,
+}
+
+/// Where the memory shipper's clicks gather before it takes them: one
+/// bunch per slot and a slot per worker thread, so the hot path of one
+/// thread never touches memory another thread writes. A full bunch goes
+/// down the channel; the shipper takes partial ones itself (`sweep`).
+struct Gather {
+    slots: Box<[GatherSlot]>,
+    tx: mpsc::UnboundedSender<Bunch>,
+    /// Set by the shipper before it sleeps: a push that starts a bunch then
+    /// wakes it, so a lone click is shipped at once.
+    idle: AtomicBool,
+    wake: Notify,
+    /// Set at shutdown, before the last sweep; read under each slot's lock.
+    closed: AtomicBool,
+    /// Clicks handed to the shipper (full bunches sent, partial ones swept)
+    /// and not yet shipped or dropped.
+    depth: AtomicUsize,
+}
+
+/// Padded so that two threads' slots never share a cache line.
+#[repr(align(128))]
+struct GatherSlot(Mutex<Bunch>);
+
+impl Gather {
+    fn new(tx: mpsc::UnboundedSender<Bunch>) -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, usize::from);
+        Self {
+            slots: (0..(2 * threads).max(4))
+                .map(|_| GatherSlot(Mutex::default()))
+                .collect(),
+            tx,
+            idle: AtomicBool::new(false),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            depth: AtomicUsize::new(0),
+        }
+    }
+
+    /// This thread's slot.
+    fn slot(&self) -> &Mutex<Bunch> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        &self.slots[NUMBER.with(|n| *n) % self.slots.len()].0
+    }
+
+    /// Hands a full bunch to the shipper; false if it has stopped.
+    fn send(&self, bunch: Bunch) -> Result<(), usize> {
+        let clicks = bunch.clicks;
+        self.depth.fetch_add(clicks, Ordering::Relaxed);
+        self.tx.send(bunch).map_err(|_| {
+            self.depth.fetch_sub(clicks, Ordering::Relaxed);
+            clicks
+        })
+    }
+
+    /// Takes every partial bunch, oldest slot first.
+    fn sweep(&self, into: &mut Vec<Bunch>) {
+        for slot in &self.slots {
+            let mut bunch = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if bunch.clicks > 0 {
+                self.depth.fetch_add(bunch.clicks, Ordering::Relaxed);
+                into.push(std::mem::take(&mut *bunch));
+            }
+        }
+    }
 }
 
 /// The running shipper: tell it to stop, then await it to let it flush.
@@ -221,10 +327,9 @@ impl ClickQueue {
         journal: Option<Arc<Journal>>,
         config: ShipperConfig,
     ) -> (Self, Shipper) {
-        let depth = Arc::new(AtomicUsize::new(0));
         let (stop_tx, stop_rx) = watch::channel(None);
         let dropped = metrics::counter!("edge_click_events_dropped_total");
-        let (journal, tx, task) = match (redis, journal) {
+        let (journal, gather, task) = match (redis, journal) {
             // Click events off: clicks are only counted.
             (None, _) => (None, None, tokio::spawn(async {})),
             (Some(redis), Some(journal)) => {
@@ -248,27 +353,28 @@ impl ClickQueue {
                 (Some(journal), None, task)
             }
             (Some(redis), None) => {
-                let (tx, rx) = mpsc::unbounded_channel::<Encoded>();
+                let (tx, rx) = mpsc::unbounded_channel::<Bunch>();
+                let gather = Arc::new(Gather::new(tx));
                 let task = tokio::spawn(
                     Shipping {
                         rx,
+                        gather: gather.clone(),
                         redis: Arc::new(redis),
                         config,
-                        depth: depth.clone(),
                         dropped: dropped.clone(),
                         pending: VecDeque::new(),
+                        pending_clicks: 0,
                         stop: stop_rx,
                     }
                     .run(),
                 );
-                (None, Some(tx), task)
+                (None, Some(gather), task)
             }
         };
         (
             Self {
                 journal,
-                tx,
-                depth,
+                gather,
                 accepted: metrics::counter!("edge_click_events_total"),
                 dropped,
             },
@@ -288,14 +394,38 @@ impl ClickQueue {
             }
             return;
         }
-        let Some(tx) = &self.tx else {
+        let Some(gather) = &self.gather else {
             return;
         };
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        if tx.send(click.encode()).is_err() {
-            // The shipper has stopped (shutdown): nothing will ship it.
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+        let mut bunch = gather.slot().lock().unwrap_or_else(PoisonError::into_inner);
+        // Read under the lock the shutdown's last sweep takes after setting
+        // it: a click either is swept or sees it.
+        if gather.closed.load(Ordering::Relaxed) {
+            drop(bunch);
             self.dropped.increment(1);
+            return;
+        }
+        let first = bunch.clicks == 0;
+        click.write_record(&mut bunch.records);
+        bunch.clicks += 1;
+        if bunch.clicks >= ENTRY_CLICKS {
+            let room = bunch.records.len() + bunch.records.len() / 4;
+            let full = std::mem::replace(
+                &mut *bunch,
+                Bunch {
+                    records: Vec::with_capacity(room),
+                    clicks: 0,
+                },
+            );
+            // Sent under the lock, so a sweep that finds newer clicks in
+            // this slot finds this bunch in the channel before them.
+            if let Err(lost) = gather.send(full) {
+                // The shipper has stopped (shutdown): nothing will ship them.
+                self.dropped.increment(lost as u64);
+            }
+        } else if first && gather.idle.load(Ordering::SeqCst) {
+            drop(bunch);
+            gather.wake.notify_one();
         }
     }
 }
@@ -313,13 +443,14 @@ fn journal_write_failed(error: &std::io::Error) {
 }
 
 struct Shipping {
-    rx: mpsc::UnboundedReceiver<Encoded>,
+    rx: mpsc::UnboundedReceiver<Bunch>,
+    gather: Arc<Gather>,
     redis: Arc<LazyRedis>,
     config: ShipperConfig,
-    depth: Arc<AtomicUsize>,
     dropped: metrics::Counter,
-    /// Encoded clicks, oldest first, not yet in a batch.
-    pending: VecDeque<Encoded>,
+    /// Bunches of clicks, oldest first, not yet in a batch.
+    pending: VecDeque<Bunch>,
+    pending_clicks: usize,
     stop: watch::Receiver<Option<Duration>>,
 }
 
@@ -361,9 +492,15 @@ impl StreamLimit {
         }
     }
 
-    /// The `MAXLEN` for a call writing `clicks` clicks.
+    /// The `MAXLEN` for a call writing `clicks` clicks in entries of
+    /// [`ENTRY_CLICKS`].
     pub(crate) fn entries_for(&mut self, clicks: usize) -> u64 {
-        let entries = clicks.div_ceil(ENTRY_CLICKS).max(1);
+        self.entries_for_call(clicks, clicks.div_ceil(ENTRY_CLICKS))
+    }
+
+    /// The `MAXLEN` for a call writing `clicks` clicks in `entries` entries.
+    pub(crate) fn entries_for_call(&mut self, clicks: usize, entries: usize) -> u64 {
+        let entries = entries.max(1);
         let fill = clicks.max(1) as f64 / entries as f64;
         self.clicks_per_entry = if self.clicks_per_entry == 0.0 {
             fill
@@ -418,6 +555,30 @@ impl BatchWriter {
         }
         invocation
     }
+
+    /// One call of the script writing each bunch of `batch` as one entry,
+    /// numbered `number` under `sequence_key`.
+    pub(crate) fn bunch_invocation(
+        &mut self,
+        sequence_key: &str,
+        number: u64,
+        batch: &[Bunch],
+    ) -> redis::ScriptInvocation<'_> {
+        let clicks = batch.iter().map(|b| b.clicks).sum();
+        let max_entries = self.limit.entries_for_call(clicks, batch.len());
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(&self.stream)
+            .key(sequence_key)
+            .arg(max_entries)
+            .arg(number)
+            .arg(SEQUENCE_TTL_SECS)
+            .arg(PACKED_COLUMNS);
+        for bunch in batch {
+            invocation.arg(&bunch.records[..]);
+        }
+        invocation
+    }
 }
 
 impl Shipping {
@@ -434,26 +595,35 @@ impl Shipping {
             rand::random::<u64>()
         );
         let mut sequence: u64 = 0;
-        let mut raw = Vec::with_capacity(MAX_BATCH);
+        let mut raw = Vec::new();
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         let mut open = true;
-        // When the last call started, if its batch was not full.
+        // When the last call started, if it left nothing behind.
         let mut linger_from: Option<tokio::time::Instant> = None;
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
-            // Wait for clicks, unless some are already held.
-            if self.pending.is_empty() && open {
-                tokio::select! {
-                    n = self.rx.recv_many(&mut raw, MAX_BATCH) => {
-                        if n == 0 { open = false; }
-                    }
-                    _ = self.stop.changed(), if flush_deadline.is_none() => {
-                        self.begin_flush(&mut flush_deadline);
+            // Nothing held and no linger due: take the partial bunches, or
+            // sleep until a push starts one or a full one arrives.
+            if self.pending.is_empty() && open && linger_from.is_none() {
+                self.gather.idle.store(true, Ordering::SeqCst);
+                self.take_all(&mut raw);
+                last_sweep = tokio::time::Instant::now();
+                if raw.is_empty() {
+                    tokio::select! {
+                        n = self.rx.recv_many(&mut raw, RECEIVE) => {
+                            if n == 0 { open = false; }
+                        }
+                        () = self.gather.wake.notified() => {}
+                        _ = self.stop.changed(), if flush_deadline.is_none() => {
+                            self.begin_flush(&mut flush_deadline, &mut raw);
+                        }
                     }
                 }
+                self.gather.idle.store(false, Ordering::SeqCst);
             }
             self.take_arrived(&mut raw);
             if let Some(from) = linger_from.take()
-                && self.pending.len() < MAX_BATCH
+                && self.pending_clicks < MAX_BATCH
                 && flush_deadline.is_none()
             {
                 self.while_waiting(
@@ -464,18 +634,32 @@ impl Shipping {
                 .await;
                 self.take_ready(&mut raw).await;
             }
-            depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
+            // Partial bunches are taken when there is nothing else to ship,
+            // so that under load entries are full; and never left long.
+            if self.pending.is_empty() || last_sweep.elapsed() >= SWEEP_EVERY {
+                self.take_all(&mut raw);
+                self.take_arrived(&mut raw);
+                last_sweep = tokio::time::Instant::now();
+            }
+            depth_gauge.set(self.gather.depth.load(Ordering::Relaxed) as f64);
             if self.pending.is_empty() {
                 if !open || (flush_deadline.is_some() && self.rx.is_empty()) {
                     return;
                 }
                 continue;
             }
-            let n = self.pending.len().min(MAX_BATCH);
-            let batch: Vec<Encoded> = self.pending.drain(..n).collect();
-            linger_from = (n < MAX_BATCH).then(tokio::time::Instant::now);
+            let mut batch = Vec::new();
+            let mut clicks = 0;
+            while let Some(next) = self.pending.front()
+                && clicks + next.clicks <= MAX_BATCH
+            {
+                clicks += next.clicks;
+                batch.extend(self.pending.pop_front());
+            }
+            self.pending_clicks -= clicks;
+            linger_from = self.pending.is_empty().then(tokio::time::Instant::now);
             sequence += 1;
-            let invocation = writer.invocation(&sequence_key, sequence, &batch);
+            let invocation = writer.bunch_invocation(&sequence_key, sequence, &batch);
             let mut backoff = RETRY_MIN;
             loop {
                 let call = self.redis.clone();
@@ -486,19 +670,21 @@ impl Shipping {
                         &mut flush_deadline,
                     )
                     .await;
-                depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
                 match result {
                     Ok(_) => {
-                        shipped.increment(batch.len() as u64);
-                        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
-                        depth_gauge.set(self.depth.load(Ordering::Relaxed) as f64);
+                        shipped.increment(clicks as u64);
+                        self.gather.depth.fetch_sub(clicks, Ordering::Relaxed);
+                        depth_gauge.set(self.gather.depth.load(Ordering::Relaxed) as f64);
                         break;
                     }
                     Err(error) => {
                         errors.increment(1);
-                        tracing::warn!(%error, clicks = batch.len(), "cannot ship click events; retrying");
+                        tracing::warn!(%error, clicks, "cannot ship click events; retrying");
                         if flush_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                            let lost = batch.len() + self.pending.len() + self.rx.len();
+                            let mut lost = clicks + self.pending_clicks;
+                            while let Ok(bunch) = self.rx.try_recv() {
+                                lost += bunch.clicks;
+                            }
                             tracing::error!(
                                 lost,
                                 "shutting down with click events that could not be shipped"
@@ -520,13 +706,13 @@ impl Shipping {
     }
 
     /// Waits for `until` (a linger, a call to Redis, a backoff), meanwhile taking in
-    /// new clicks every [`TAKE_EVERY`] (so the cap holds and the channel
+    /// new bunches every [`TAKE_EVERY`] (so the cap holds and the channel
     /// stays short, without the hot path waking this task on every send)
     /// and noting a request to stop.
     async fn while_waiting<T>(
         &mut self,
         until: impl std::future::Future<Output = T>,
-        raw: &mut Vec<Encoded>,
+        raw: &mut Vec<Bunch>,
         flush_deadline: &mut Option<tokio::time::Instant>,
     ) -> T {
         tokio::pin!(until);
@@ -536,37 +722,69 @@ impl Shipping {
                 out = &mut until => return out,
                 _ = take.tick() => self.take_ready(raw).await,
                 _ = self.stop.changed(), if flush_deadline.is_none() => {
-                    self.begin_flush(flush_deadline);
+                    self.begin_flush(flush_deadline, raw);
                 }
             }
         }
     }
 
-    /// Shutdown: stop taking clicks and ship what is held for up to the
-    /// flush period.
-    fn begin_flush(&mut self, deadline: &mut Option<tokio::time::Instant>) {
+    /// Shutdown: stop taking clicks (pushes from now on are dropped and
+    /// counted), take the partial bunches a last time, and ship what is
+    /// held for up to the flush period.
+    fn begin_flush(&mut self, deadline: &mut Option<tokio::time::Instant>, raw: &mut Vec<Bunch>) {
         let flush = (*self.stop.borrow()).unwrap_or_default();
         *deadline = Some(tokio::time::Instant::now() + flush);
+        self.gather.closed.store(true, Ordering::Relaxed);
+        self.take_all(raw);
         self.rx.close();
     }
 
-    /// Takes in the clicks already in the channel, without waiting.
-    async fn take_ready(&mut self, raw: &mut Vec<Encoded>) {
-        if !self.rx.is_empty() {
-            self.rx.recv_many(raw, self.config.capacity.max(1)).await;
-            self.take_arrived(raw);
+    /// Takes every bunch the pushes have made: those in the channel (full,
+    /// so older) first, then the partial ones, so a thread's clicks keep
+    /// their order.
+    fn take_all(&mut self, raw: &mut Vec<Bunch>) {
+        while let Ok(bunch) = self.rx.try_recv() {
+            raw.push(bunch);
         }
+        self.gather.sweep(raw);
     }
 
-    /// Moves the clicks in `raw` into `pending`, dropping the oldest held
-    /// clicks beyond the capacity.
-    fn take_arrived(&mut self, raw: &mut Vec<Encoded>) {
-        self.pending.extend(raw.drain(..));
-        let excess = self.pending.len().saturating_sub(self.config.capacity);
-        if excess > 0 {
-            self.pending.drain(..excess);
-            self.depth.fetch_sub(excess, Ordering::Relaxed);
-            self.dropped.increment(excess as u64);
+    /// Takes in the bunches already in the channel, without waiting.
+    async fn take_ready(&mut self, raw: &mut Vec<Bunch>) {
+        if !self.rx.is_empty() {
+            self.rx.recv_many(raw, RECEIVE).await;
+        }
+        self.take_arrived(raw);
+    }
+
+    /// Moves the bunches in `raw` into `pending`, dropping the oldest held
+    /// clicks (whole bunches, then records cut from the front of one)
+    /// while more than the capacity are held.
+    fn take_arrived(&mut self, raw: &mut Vec<Bunch>) {
+        for bunch in raw.drain(..) {
+            self.pending_clicks += bunch.clicks;
+            self.pending.push_back(bunch);
+        }
+        while self.pending_clicks > self.config.capacity
+            && let Some(oldest) = self.pending.front_mut()
+        {
+            let cut = (self.pending_clicks - self.config.capacity).min(oldest.clicks);
+            if cut == oldest.clicks {
+                self.pending.pop_front();
+            } else {
+                let end = oldest
+                    .records
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == RECORD_END)
+                    .nth(cut - 1)
+                    .map_or(oldest.records.len(), |(i, _)| i + 1);
+                oldest.records.drain(..end);
+                oldest.clicks -= cut;
+            }
+            self.pending_clicks -= cut;
+            self.gather.depth.fetch_sub(cut, Ordering::Relaxed);
+            self.dropped.increment(cut as u64);
         }
     }
 }
@@ -640,6 +858,88 @@ mod tests {
         assert_eq!(lazy.invoke::<i64>(&next).await.unwrap(), 1);
     }
 
+    /// Eight threads push at once, in bursts and pauses: every click lands in
+    /// the stream exactly once, in entries of at most a hundred, each
+    /// thread's clicks in the order pushed; a lone last click is not left
+    /// waiting in its slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clicks_from_many_threads_land_once_each_in_bunches() {
+        let redis = shortener_common::testing::TestRedis::start();
+        let (queue, shipper) = ClickQueue::start(
+            Some(LazyRedis::new(&redis.url()).unwrap()),
+            None,
+            ShipperConfig {
+                stream: "clicks".into(),
+                max_len: 1_000_000,
+                capacity: 1_000_000,
+                journal_max_bytes: 0,
+            },
+        );
+        let agent = HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64)");
+        let threads: Vec<_> = (0..8u128)
+            .map(|t| {
+                let (queue, agent) = (queue.clone(), agent.clone());
+                std::thread::spawn(move || {
+                    for i in 0..1_000u128 {
+                        queue.push(RawClick {
+                            event_id: t << 32 | i,
+                            code: "abc",
+                            ts_ms: 1_767_225_600_000,
+                            ip: "192.0.2.1".parse().unwrap(),
+                            user_agent: Some(&agent),
+                            referer: None,
+                            accept_language: None,
+                        });
+                        if i % 250 == 0 {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        queue.push(RawClick {
+            event_id: 1 << 100,
+            code: "last",
+            ts_ms: 1_767_225_600_000,
+            ip: "192.0.2.1".parse().unwrap(),
+            user_agent: None,
+            referer: None,
+            accept_language: None,
+        });
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let clicks = loop {
+            let clicks = shortener_common::testing::stream_clicks(&mut conn, "clicks");
+            if clicks.len() >= 8_001 || std::time::Instant::now() > deadline {
+                break clicks;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(clicks.len(), 8_001);
+        let mut ids: Vec<u128> = clicks.iter().map(|c| c.event_id).collect();
+        for t in 0..8u128 {
+            let own: Vec<u128> = ids.iter().copied().filter(|id| id >> 32 == t).collect();
+            assert_eq!(own, (0..1_000).map(|i| t << 32 | i).collect::<Vec<_>>());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 8_001);
+        let entries: Vec<redis::Value> = redis::cmd("XRANGE")
+            .arg("clicks")
+            .arg("-")
+            .arg("+")
+            .query(&mut conn)
+            .unwrap();
+        assert!(entries.len() >= 81, "{} entries", entries.len());
+        shipper.flush_and_stop(Duration::from_secs(1)).await;
+    }
+
     #[test]
     fn the_stream_limit_in_entries_follows_how_full_entries_are() {
         let mut limit = StreamLimit::new(1_000_000);
@@ -687,9 +987,16 @@ mod tests {
             let encoded = click().encode();
             let values: Vec<&[u8]> = encoded.values().collect();
             proptest::prop_assert_eq!(values.len(), 7);
-            for ((_, want), got) in expected.iter().zip(values) {
-                proptest::prop_assert_eq!(want.as_bytes(), got);
+            for ((_, want), got) in expected.iter().zip(values.iter()) {
+                proptest::prop_assert_eq!(want.as_bytes(), *got);
             }
+            // The record the hot path writes is the packed record of the
+            // same values.
+            let mut record = Vec::new();
+            click().write_record(&mut record);
+            let mut packed = Vec::new();
+            write_packed_record(&mut packed, values);
+            proptest::prop_assert_eq!(record, packed);
         }
     }
 }
