@@ -132,7 +132,9 @@ impl Slot {
 }
 
 /// An owner keeping up to `N` bytes inline, so that `Bytes::from_owner`
-/// puts the reference count and the bytes in one allocation.
+/// puts the reference count and the bytes in one allocation (the length
+/// first, so the count, the expiry and the code share the first line).
+#[repr(C)]
 struct Inline<const N: usize> {
     len: u16,
     buf: [u8; N],

@@ -25,9 +25,9 @@
 //!   connection) is retried with the same number, so it can never land
 //!   twice.
 //! - While Redis is unreachable the shipper keeps clicks and retries with
-//!   backoff. Beyond `capacity` it drops the oldest bunches that are not in
-//!   the batch being retried, and counts each dropped click in
-//!   `edge_click_events_dropped_total`.
+//!   backoff. Beyond `capacity` it drops the oldest clicks that are not in
+//!   the batch being retried (whole bunches, then records cut from the
+//!   oldest), and counts each in `edge_click_events_dropped_total`.
 //! - On shutdown the shipper takes the partial bunches a last time (later
 //!   pushes are dropped and counted) and flushes what it holds (for up to
 //!   the drain period) before the process exits.
@@ -281,7 +281,7 @@ impl Gather {
         &self.slots[NUMBER.with(|n| *n) % self.slots.len()].0
     }
 
-    /// Hands a full bunch to the shipper; false if it has stopped.
+    /// Hands a full bunch to the shipper; the clicks back if it has stopped.
     fn send(&self, bunch: Bunch) -> Result<(), usize> {
         let clicks = bunch.clicks;
         self.depth.fetch_add(clicks, Ordering::Relaxed);
@@ -289,17 +289,6 @@ impl Gather {
             self.depth.fetch_sub(clicks, Ordering::Relaxed);
             clicks
         })
-    }
-
-    /// Takes every partial bunch, oldest slot first.
-    fn sweep(&self, into: &mut Vec<Bunch>) {
-        for slot in &self.slots {
-            let mut bunch = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
-            if bunch.clicks > 0 {
-                self.depth.fetch_add(bunch.clicks, Ordering::Relaxed);
-                into.push(std::mem::take(&mut *bunch));
-            }
-        }
     }
 }
 
@@ -417,8 +406,9 @@ impl ClickQueue {
                     clicks: 0,
                 },
             );
-            // Sent under the lock, so a sweep that finds newer clicks in
-            // this slot finds this bunch in the channel before them.
+            // Sent under the lock, so the shipper, which empties the channel
+            // under this lock before taking the slot's partial bunch, gets
+            // this bunch first.
             if let Err(lost) = gather.send(full) {
                 // The shipper has stopped (shutdown): nothing will ship them.
                 self.dropped.increment(lost as u64);
@@ -681,7 +671,9 @@ impl Shipping {
                         errors.increment(1);
                         tracing::warn!(%error, clicks, "cannot ship click events; retrying");
                         if flush_deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                            let mut lost = clicks + self.pending_clicks;
+                            let mut lost = clicks
+                                + self.pending_clicks
+                                + raw.iter().map(|b| b.clicks).sum::<usize>();
                             while let Ok(bunch) = self.rx.try_recv() {
                                 lost += bunch.clicks;
                             }
@@ -739,14 +731,21 @@ impl Shipping {
         self.rx.close();
     }
 
-    /// Takes every bunch the pushes have made: those in the channel (full,
-    /// so older) first, then the partial ones, so a thread's clicks keep
-    /// their order.
+    /// Takes every bunch the pushes have made, keeping each thread's
+    /// clicks in order: for each slot, under its lock, first the full
+    /// bunches in the channel (sent under that lock, so any from this slot
+    /// are older than its partial bunch), then the partial bunch.
     fn take_all(&mut self, raw: &mut Vec<Bunch>) {
-        while let Ok(bunch) = self.rx.try_recv() {
-            raw.push(bunch);
+        for slot in &self.gather.slots {
+            let mut bunch = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+            while let Ok(full) = self.rx.try_recv() {
+                raw.push(full);
+            }
+            if bunch.clicks > 0 {
+                self.gather.depth.fetch_add(bunch.clicks, Ordering::Relaxed);
+                raw.push(std::mem::take(&mut *bunch));
+            }
         }
-        self.gather.sweep(raw);
     }
 
     /// Takes in the bunches already in the channel, without waiting.
