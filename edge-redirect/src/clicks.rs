@@ -482,12 +482,6 @@ impl StreamLimit {
         }
     }
 
-    /// The `MAXLEN` for a call writing `clicks` clicks in entries of
-    /// [`ENTRY_CLICKS`].
-    pub(crate) fn entries_for(&mut self, clicks: usize) -> u64 {
-        self.entries_for_call(clicks, clicks.div_ceil(ENTRY_CLICKS))
-    }
-
     /// The `MAXLEN` for a call writing `clicks` clicks in `entries` entries.
     pub(crate) fn entries_for_call(&mut self, clicks: usize, entries: usize) -> u64 {
         let entries = entries.max(1);
@@ -527,23 +521,17 @@ impl BatchWriter {
         number: u64,
         batch: &[Encoded],
     ) -> redis::ScriptInvocation<'_> {
-        let max_entries = self.limit.entries_for(batch.len());
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(&self.stream)
-            .key(sequence_key)
-            .arg(max_entries)
-            .arg(number)
-            .arg(SEQUENCE_TTL_SECS)
-            .arg(PACKED_COLUMNS);
-        for entry in batch.chunks(ENTRY_CLICKS) {
-            let mut clicks = Vec::with_capacity(entry.iter().map(|c| c.bytes.len() + 7).sum());
-            for click in entry {
-                write_packed_record(&mut clicks, click.values());
-            }
-            invocation.arg(clicks);
-        }
-        invocation
+        let entries: Vec<Vec<u8>> = batch
+            .chunks(ENTRY_CLICKS)
+            .map(|entry| {
+                let mut clicks = Vec::with_capacity(entry.iter().map(|c| c.bytes.len() + 7).sum());
+                for click in entry {
+                    write_packed_record(&mut clicks, click.values());
+                }
+                clicks
+            })
+            .collect();
+        self.entries_invocation(sequence_key, number, batch.len(), &entries)
     }
 
     /// One call of the script writing each bunch of `batch` as one entry,
@@ -555,7 +543,20 @@ impl BatchWriter {
         batch: &[Bunch],
     ) -> redis::ScriptInvocation<'_> {
         let clicks = batch.iter().map(|b| b.clicks).sum();
-        let max_entries = self.limit.entries_for_call(clicks, batch.len());
+        let entries: Vec<&[u8]> = batch.iter().map(|b| &b.records[..]).collect();
+        self.entries_invocation(sequence_key, number, clicks, &entries)
+    }
+
+    /// One call of the script writing `entries` (packed, `clicks` clicks in
+    /// all), numbered `number` under `sequence_key`.
+    fn entries_invocation<E: AsRef<[u8]>>(
+        &mut self,
+        sequence_key: &str,
+        number: u64,
+        clicks: usize,
+        entries: &[E],
+    ) -> redis::ScriptInvocation<'_> {
+        let max_entries = self.limit.entries_for_call(clicks, entries.len());
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(&self.stream)
@@ -564,8 +565,8 @@ impl BatchWriter {
             .arg(number)
             .arg(SEQUENCE_TTL_SECS)
             .arg(PACKED_COLUMNS);
-        for bunch in batch {
-            invocation.arg(&bunch.records[..]);
+        for entry in entries {
+            invocation.arg(entry.as_ref());
         }
         invocation
     }
@@ -943,19 +944,19 @@ mod tests {
     fn the_stream_limit_in_entries_follows_how_full_entries_are() {
         let mut limit = StreamLimit::new(1_000_000);
         // Full entries: a hundred clicks each.
-        assert_eq!(limit.entries_for(2_000), 10_000);
+        assert_eq!(limit.entries_for_call(2_000, 20), 10_000);
         // Traffic falls to one click per call: the limit grows with it, a
         // little per call.
         let mut previous = 10_000;
         for _ in 0..500 {
-            let now = limit.entries_for(1);
+            let now = limit.entries_for_call(1, 1);
             assert!(now >= previous);
             previous = now;
         }
         assert!(previous > 900_000, "{previous}");
         // A call of 150 clicks is two entries of 75.
         let mut limit = StreamLimit::new(1_500);
-        assert_eq!(limit.entries_for(150), 20);
+        assert_eq!(limit.entries_for_call(150, 2), 20);
     }
 
     proptest::proptest! {
