@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, mpsc};
@@ -282,13 +282,39 @@ pub struct TestRedis {
     external_url: Option<String>,
 }
 
+/// A temp dir for a test server, marked with this process's id. The
+/// process-wide servers (`shared()`) live in statics, which are never
+/// dropped, so their dirs outlive the test process; so do those of a killed
+/// test process. Each new dir first sweeps away the dirs with this prefix
+/// whose marking process is gone.
+fn server_dir(prefix: &str) -> tempfile::TempDir {
+    const OWNER: &str = "owner.pid";
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(prefix) {
+                continue;
+            }
+            let owner = std::fs::read_to_string(entry.path().join(OWNER));
+            if let Some(pid) = owner.ok().and_then(|o| o.trim().parse::<u32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir");
+    std::fs::write(dir.path().join(OWNER), std::process::id().to_string())
+        .expect("mark the temp dir");
+    dir
+}
+
 impl TestRedis {
     /// A Redis of this test's own, stopped when the value drops.
     pub fn start() -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix("test-redis-")
-            .tempdir()
-            .expect("temp dir");
+        let tmp = server_dir("test-redis-");
         let mut redis = Self {
             port: free_port(),
             dir: tmp.path().to_owned(),
@@ -478,10 +504,7 @@ impl TestPostgres {
     /// A server of this test's own, stopped when the value drops.
     pub fn start() -> Self {
         let bindir = postgres_bindir();
-        let tmp = tempfile::Builder::new()
-            .prefix("test-postgres-")
-            .tempdir()
-            .expect("temp dir");
+        let tmp = server_dir("test-postgres-");
         let data = tmp.path().join("data");
         std::fs::create_dir(&data).expect("create data dir");
         // PostgreSQL refuses to run as root; CI runs as root.
@@ -652,10 +675,7 @@ pub struct TestClickHouse {
 impl TestClickHouse {
     /// A server of this test's own, stopped when the value drops.
     pub fn start() -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix("test-clickhouse-")
-            .tempdir()
-            .expect("temp dir");
+        let tmp = server_dir("test-clickhouse-");
         let dir = tmp.path().to_owned();
         let http_port = free_port();
         let config = format!(

@@ -15,6 +15,32 @@ fn process_is_gone(pid: u32) -> bool {
     }
 }
 
+/// Temp dirs of test processes that are gone (the shared servers' dirs are
+/// never dropped) are swept when a new server starts; a live process's are
+/// kept.
+#[test]
+fn server_dirs_of_gone_test_processes_are_swept() {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let marked = |pid: u32| {
+        let dir = tempfile::Builder::new()
+            .prefix("test-redis-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        std::fs::write(dir.join("owner.pid"), pid.to_string()).unwrap();
+        dir
+    };
+    let stale = marked(gone_pid);
+    let live = marked(std::process::id());
+    let redis = TestRedis::start();
+    assert!(!stale.exists(), "{stale:?} left behind");
+    assert!(live.exists());
+    drop(redis);
+    std::fs::remove_dir_all(live).unwrap();
+}
+
 #[test]
 fn each_test_database_is_its_own() {
     let pg = TestPostgres::shared();
