@@ -98,8 +98,8 @@ impl RawClick<'_> {
         }
     }
 
-    /// The click's stream field values in one allocation (about 250 bytes
-    /// for a browser click), so a long backlog stays small in memory.
+    /// The click's stream field values in one allocation, as the journal
+    /// shipper holds them (tests build batches with it).
     #[cfg(test)]
     fn encode(&self) -> Encoded {
         let mut bytes = Vec::with_capacity(256);
@@ -238,7 +238,8 @@ pub(crate) struct Bunch {
 /// Where the memory shipper's clicks gather before it takes them: one
 /// bunch per slot and a slot per worker thread, so the hot path of one
 /// thread never touches memory another thread writes. A full bunch goes
-/// down the channel; the shipper takes partial ones itself (`sweep`).
+/// down the channel; the shipper takes partial ones itself
+/// (`Shipping::take_all`).
 struct Gather {
     slots: Box<[GatherSlot]>,
     tx: mpsc::UnboundedSender<Bunch>,

@@ -113,6 +113,14 @@ impl Stack {
         stack
     }
 
+    /// A plain TCP connection to the edge, for bytes an HTTP client would
+    /// not send; reads give up after `read_timeout`.
+    fn raw_connection(&self, read_timeout: Duration) -> TcpStream {
+        let stream = TcpStream::connect(("127.0.0.1", self.edge_port)).unwrap();
+        stream.set_read_timeout(Some(read_timeout)).unwrap();
+        stream
+    }
+
     fn redis_conn(&self) -> redis::Connection {
         redis::Client::open(self.redis.url())
             .unwrap()
@@ -336,11 +344,8 @@ async fn malformed_paths_are_refused_without_a_lookup() {
         &b"GET /ab\0c HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
     ] {
-        let mut stream = TcpStream::connect(("127.0.0.1", stack.edge_port)).unwrap();
+        let mut stream = stack.raw_connection(Duration::from_secs(2));
         stream.write_all(raw).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
         let mut answer = [0u8; 12];
         let n = stream.read(&mut answer).unwrap_or(0);
         let line = String::from_utf8_lossy(&answer[..n]).to_string();
@@ -609,10 +614,9 @@ async fn a_client_that_sends_headers_too_slowly_is_cut_off() {
     let code = stack
         .create(json!({"url": "https://example.com/after"}))
         .await;
-    let mut slow = TcpStream::connect(("127.0.0.1", stack.edge_port)).unwrap();
+    let mut slow = stack.raw_connection(Duration::from_secs(5));
     slow.write_all(b"GET /abc HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 256];
     // The server closes the connection (possibly with a 408) after the
@@ -637,8 +641,7 @@ async fn a_busy_keep_alive_connection_stays_and_an_idle_one_is_closed() {
     let code = stack
         .create(json!({"url": "https://example.com/kept"}))
         .await;
-    let mut conn = TcpStream::connect(("127.0.0.1", stack.edge_port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut conn = stack.raw_connection(Duration::from_secs(5));
     let request = format!("GET /{code} HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut buf = [0u8; 1024];
     let started = Instant::now();
