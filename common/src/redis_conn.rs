@@ -38,14 +38,20 @@ impl LazyRedis {
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
+        let conn = self.connect_own().await?;
+        Ok(slot.insert(conn).clone())
+    }
+
+    /// A new connection, not shared, with the same timeouts: for a caller
+    /// whose commands depend on the connection's state (`WATCH`), which must
+    /// know when it is a new one.
+    pub async fn connect_own(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(self.response_timeout));
-        let conn = self
-            .client
+        self.client
             .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        Ok(slot.insert(conn).clone())
+            .await
     }
 
     /// Forgets the connection after an error that means it is broken, so

@@ -16,14 +16,13 @@
 //!
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
-//! - Batches are numbered per edge process and written one at a time by a
-//!   Lua script that `XADD`s the batch (up to [`MAX_BATCH`] clicks) as
-//!   packed entries of up to [`ENTRY_CLICKS`] (format in
-//!   `shortener_common::event`) and records the batch number under the
-//!   process's own key, atomically, and does nothing for a number already
-//!   recorded. A batch whose outcome is unknown (a timeout, a dropped
-//!   connection) is retried with the same number, so it can never land
-//!   twice.
+//! - Batches are numbered per edge process and written one at a time, each
+//!   (up to [`MAX_BATCH`] clicks, as packed entries of up to
+//!   [`ENTRY_CLICKS`]; format in `shortener_common::event`) in one
+//!   transaction that also records the batch number under the process's
+//!   own key. A batch whose outcome is unknown (a timeout, a dropped
+//!   connection) is retried with the same number and can never land twice
+//!   (`crate::batch` says how).
 //! - While Redis is unreachable the shipper keeps clicks and retries with
 //!   backoff. Beyond `capacity` it drops the oldest clicks that are not in
 //!   the batch being retried (whole bunches, then records cut from the
@@ -41,13 +40,11 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use shortener_common::ClickEvent;
-use shortener_common::event::{
-    ENTRY_CLICKS, PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, RECORD_END, VALUE_SEPARATOR,
-    write_packed_record,
-};
+use shortener_common::event::{ENTRY_CLICKS, RECORD_END, VALUE_SEPARATOR};
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::batch::BatchWriter;
 use crate::journal::{Journal, JournalShipping};
 
 /// Most clicks written by one script call (in entries of [`ENTRY_CLICKS`]):
@@ -101,7 +98,7 @@ impl RawClick<'_> {
     /// The click's stream field values in one allocation, as the journal
     /// shipper holds them (tests build batches with it).
     #[cfg(test)]
-    fn encode(&self) -> Encoded {
+    pub(crate) fn encode(&self) -> Encoded {
         let mut bytes = Vec::with_capacity(256);
         let ends = self.write_values(&mut bytes);
         Encoded {
@@ -126,34 +123,52 @@ impl RawClick<'_> {
         out.push(RECORD_END);
     }
 
+    // Inlined, so that a record's write drops the value ends it does not
+    // use (returned through the stack, they stalled every call).
+    #[inline(always)]
     fn write(&self, out: &mut Vec<u8>, separator: Option<u8>) -> [u16; 7] {
         use std::io::Write;
+        /// The header's bytes if it is text (visible ASCII or tab, what
+        /// `HeaderValue::to_str` accepts), else nothing. Written as a fold
+        /// rather than `to_str`'s early return, so it runs a word at a time.
+        fn text(v: Option<&HeaderValue>) -> &[u8] {
+            let bytes = v.map_or(&[][..], HeaderValue::as_bytes);
+            let visible = bytes.iter().fold(true, |ok, &b| {
+                ok & ((b.wrapping_sub(b' ') < 0x5f) | (b == b'\t'))
+            });
+            if visible { bytes } else { &[] }
+        }
+        let headers = [
+            text(self.user_agent),
+            text(self.referer),
+            text(self.accept_language),
+        ];
+        // Formatted by hand, into room reserved once: `write!` and
+        // byte-at-a-time pushes cost more than the rest of a click's
+        // encoding on the hot path.
+        out.reserve(96 + self.code.len() + headers.iter().map(|h| h.len()).sum::<usize>());
         let start = out.len();
         let mut ends = [0u16; 7];
-        fn text<'h>(v: &Option<&'h HeaderValue>) -> &'h [u8] {
-            v.and_then(|v| v.to_str().ok()).map_or(&[], str::as_bytes)
-        }
         for (i, end) in ends.iter_mut().enumerate() {
             if let (Some(separator), 1..) = (separator, i) {
                 out.push(separator);
             }
             let before = out.len();
-            // Formatted by hand: `write!` costs more than the rest of a
-            // click's encoding on the hot path.
-            let mut number = itoa::Buffer::new();
             match i {
                 0 => {
                     const HEX: &[u8; 16] = b"0123456789abcdef";
-                    out.extend(
-                        (0..32)
-                            .rev()
-                            .map(|d| HEX[(self.event_id >> (4 * d)) as usize & 15]),
-                    );
+                    let mut hex = [0u8; 32];
+                    for (pair, byte) in hex.chunks_exact_mut(2).zip(self.event_id.to_be_bytes()) {
+                        pair[0] = HEX[usize::from(byte >> 4)];
+                        pair[1] = HEX[usize::from(byte & 15)];
+                    }
+                    out.extend_from_slice(&hex);
                 }
                 1 => out.extend_from_slice(self.code.as_bytes()),
-                2 => out.extend_from_slice(number.format(self.ts_ms).as_bytes()),
+                2 => out.extend_from_slice(itoa::Buffer::new().format(self.ts_ms).as_bytes()),
                 3 => match self.ip {
                     IpAddr::V4(v4) => {
+                        let mut number = itoa::Buffer::new();
                         for (n, octet) in v4.octets().into_iter().enumerate() {
                             if n > 0 {
                                 out.push(b'.');
@@ -165,9 +180,7 @@ impl RawClick<'_> {
                         let _ = write!(out, "{v6}");
                     }
                 },
-                4 => out.extend_from_slice(text(&self.user_agent)),
-                5 => out.extend_from_slice(text(&self.referer)),
-                _ => out.extend_from_slice(text(&self.accept_language)),
+                header => out.extend_from_slice(headers[header - 4]),
             }
             // Header values are bounded by EDGE_MAX_HEADER_BYTES (< 64 KiB);
             // cut defensively rather than wrap.
@@ -235,6 +248,11 @@ pub(crate) struct Bunch {
     clicks: usize,
 }
 
+/// Each bunch's records: one stream entry each.
+fn records(batch: &[Bunch]) -> Vec<&[u8]> {
+    batch.iter().map(|b| &b.records[..]).collect()
+}
+
 /// Where the memory shipper's clicks gather before it takes them: one
 /// bunch per slot and a slot per worker thread, so the hot path of one
 /// thread never touches memory another thread writes. A full bunch goes
@@ -252,7 +270,13 @@ struct Gather {
     /// Clicks handed to the shipper (full bunches sent, partial ones swept)
     /// and not yet shipped or dropped.
     depth: AtomicUsize,
+    /// Emptied record buffers of shipped bunches, for the next ones: a
+    /// full bunch's new buffer then costs no allocation and no fresh pages.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Spare record buffers kept at most (each about 14 KB).
+const SPARE_BUFFERS: usize = 64;
 
 /// Padded so that two threads' slots never share a cache line.
 #[repr(align(128))]
@@ -270,6 +294,31 @@ impl Gather {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             depth: AtomicUsize::new(0),
+            spare: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An empty buffer with room for `bytes`, a spare one if there is one.
+    fn buffer(&self, bytes: usize) -> Vec<u8> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut buffer = spare.unwrap_or_default();
+        buffer.reserve(bytes);
+        buffer
+    }
+
+    /// Keeps the record buffers of shipped bunches for [`Gather::buffer`].
+    fn recycle(&self, bunches: Vec<Bunch>) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        for mut bunch in bunches {
+            if spare.len() >= SPARE_BUFFERS {
+                break;
+            }
+            bunch.records.clear();
+            spare.push(bunch.records);
         }
     }
 
@@ -403,7 +452,7 @@ impl ClickQueue {
             let full = std::mem::replace(
                 &mut *bunch,
                 Bunch {
-                    records: Vec::with_capacity(room),
+                    records: gather.buffer(room),
                     clicks: 0,
                 },
             );
@@ -445,140 +494,16 @@ struct Shipping {
     stop: watch::Receiver<Option<Duration>>,
 }
 
-/// The batch script. KEYS: stream, the batch-number key (a hash with field
-/// `batch`). ARGV: max length in entries, batch number, key TTL, the packed
-/// entries' `fields`, then each entry's `clicks`. Adds the entries (format
-/// in `shortener_common::event`) and returns how many, or 0 for a batch
-/// already written.
-fn script() -> redis::Script {
-    redis::Script::new(&format!(
-        r"
-if tonumber(redis.call('HGET', KEYS[2], 'batch') or '0') >= tonumber(ARGV[2]) then
-  return 0
-end
-for i = 5, #ARGV do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', '{PACKED_FIELDS}', ARGV[4], '{PACKED_CLICKS}', ARGV[i])
-end
-redis.call('HSET', KEYS[2], 'batch', ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return #ARGV - 4
-"
-    ))
-}
-
-/// The stream's `MAXLEN` in entries for `CLICK_STREAM_MAXLEN` in clicks.
-/// Entries hold 1 to [`ENTRY_CLICKS`] clicks (few when traffic is low), so
-/// the clicks a process has been putting in each entry (a moving average)
-/// decide how many entries make that many clicks.
-pub(crate) struct StreamLimit {
-    max_len: u64,
-    clicks_per_entry: f64,
-}
-
-impl StreamLimit {
-    pub(crate) fn new(max_len: u64) -> Self {
-        Self {
-            max_len,
-            clicks_per_entry: 0.0,
-        }
-    }
-
-    /// The `MAXLEN` for a call writing `clicks` clicks in `entries` entries.
-    pub(crate) fn entries_for_call(&mut self, clicks: usize, entries: usize) -> u64 {
-        let entries = entries.max(1);
-        let fill = clicks.max(1) as f64 / entries as f64;
-        self.clicks_per_entry = if self.clicks_per_entry == 0.0 {
-            fill
-        } else {
-            self.clicks_per_entry + (fill - self.clicks_per_entry) / 32.0
-        };
-        ((self.max_len as f64 / self.clicks_per_entry).ceil() as u64).max(1)
-    }
-}
-
-/// Writes batches to the stream with the batch [`script`], trimming it to
-/// about `CLICK_STREAM_MAXLEN` clicks: what the memory shipper and the
-/// journal shipper share.
-pub(crate) struct BatchWriter {
-    script: redis::Script,
-    stream: String,
-    limit: StreamLimit,
-}
-
-impl BatchWriter {
-    pub(crate) fn new(stream: String, max_len: u64) -> Self {
-        Self {
-            script: script(),
-            stream,
-            limit: StreamLimit::new(max_len),
-        }
-    }
-
-    /// One call of the script: `batch` written as packed entries of up to
-    /// [`ENTRY_CLICKS`], numbered `number` under `sequence_key`.
-    pub(crate) fn invocation(
-        &mut self,
-        sequence_key: &str,
-        number: u64,
-        batch: &[Encoded],
-    ) -> redis::ScriptInvocation<'_> {
-        let entries: Vec<Vec<u8>> = batch
-            .chunks(ENTRY_CLICKS)
-            .map(|entry| {
-                let mut clicks = Vec::with_capacity(entry.iter().map(|c| c.bytes.len() + 7).sum());
-                for click in entry {
-                    write_packed_record(&mut clicks, click.values());
-                }
-                clicks
-            })
-            .collect();
-        self.entries_invocation(sequence_key, number, batch.len(), &entries)
-    }
-
-    /// One call of the script writing each bunch of `batch` as one entry,
-    /// numbered `number` under `sequence_key`.
-    pub(crate) fn bunch_invocation(
-        &mut self,
-        sequence_key: &str,
-        number: u64,
-        batch: &[Bunch],
-    ) -> redis::ScriptInvocation<'_> {
-        let clicks = batch.iter().map(|b| b.clicks).sum();
-        let entries: Vec<&[u8]> = batch.iter().map(|b| &b.records[..]).collect();
-        self.entries_invocation(sequence_key, number, clicks, &entries)
-    }
-
-    /// One call of the script writing `entries` (packed, `clicks` clicks in
-    /// all), numbered `number` under `sequence_key`.
-    fn entries_invocation<E: AsRef<[u8]>>(
-        &mut self,
-        sequence_key: &str,
-        number: u64,
-        clicks: usize,
-        entries: &[E],
-    ) -> redis::ScriptInvocation<'_> {
-        let max_entries = self.limit.entries_for_call(clicks, entries.len());
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(&self.stream)
-            .key(sequence_key)
-            .arg(max_entries)
-            .arg(number)
-            .arg(SEQUENCE_TTL_SECS)
-            .arg(PACKED_COLUMNS);
-        for entry in entries {
-            invocation.arg(entry.as_ref());
-        }
-        invocation
-    }
-}
-
 impl Shipping {
     async fn run(mut self) {
         let shipped = metrics::counter!("edge_click_events_shipped_total");
         let errors = metrics::counter!("edge_click_ship_errors_total");
         let depth_gauge = metrics::gauge!("edge_click_queue_depth");
-        let mut writer = BatchWriter::new(self.config.stream.clone(), self.config.max_len);
+        let mut writer = BatchWriter::new(
+            self.redis.clone(),
+            self.config.stream.clone(),
+            self.config.max_len,
+        );
         // One key per edge process; the hash tag keeps it in the stream's
         // slot on a Redis Cluster, as a script's keys must be.
         let sequence_key = format!(
@@ -651,16 +576,13 @@ impl Shipping {
             self.pending_clicks -= clicks;
             linger_from = self.pending.is_empty().then(tokio::time::Instant::now);
             sequence += 1;
-            let invocation = writer.bunch_invocation(&sequence_key, sequence, &batch);
+            let prepared = writer.entries(&sequence_key, sequence, clicks, &records(&batch));
+            // The prepared batch holds copies of the records.
+            self.gather.recycle(batch);
             let mut backoff = RETRY_MIN;
             loop {
-                let call = self.redis.clone();
                 let result = self
-                    .while_waiting(
-                        call.invoke::<i64>(&invocation),
-                        &mut raw,
-                        &mut flush_deadline,
-                    )
+                    .while_waiting(writer.write(&prepared), &mut raw, &mut flush_deadline)
                     .await;
                 match result {
                     Ok(_) => {
@@ -817,48 +739,6 @@ mod tests {
         assert_eq!(event.accept_language, None);
     }
 
-    #[tokio::test]
-    async fn a_call_writes_entries_of_a_hundred_once_per_batch_number() {
-        let redis = shortener_common::testing::TestRedis::start();
-        let lazy = LazyRedis::new(&redis.url()).unwrap();
-        let agent = HeaderValue::from_static("curl/8");
-        let codes: Vec<String> = (0..250).map(|i| format!("c{i}")).collect();
-        let batch: Vec<Encoded> = codes
-            .iter()
-            .enumerate()
-            .map(|(i, code)| {
-                RawClick {
-                    event_id: i as u128,
-                    code,
-                    ts_ms: 1_767_225_600_000,
-                    ip: "192.0.2.1".parse().unwrap(),
-                    user_agent: Some(&agent),
-                    referer: None,
-                    accept_language: None,
-                }
-                .encode()
-            })
-            .collect();
-        let mut writer = BatchWriter::new("clicks".into(), 100_000);
-        let call = writer.invocation("{clicks}:edge:t", 7, &batch);
-        assert_eq!(lazy.invoke::<i64>(&call).await.unwrap(), 3);
-        // The same batch number again (a retry whose first try landed)
-        // adds nothing; the next number does.
-        assert_eq!(lazy.invoke::<i64>(&call).await.unwrap(), 0);
-        let mut conn = redis::Client::open(redis.url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let len: usize = redis::cmd("XLEN").arg("clicks").query(&mut conn).unwrap();
-        assert_eq!(len, 3, "entries of 100, 100 and 50");
-        let clicks = shortener_common::testing::stream_clicks(&mut conn, "clicks");
-        let ids: Vec<u128> = clicks.iter().map(|c| c.event_id).collect();
-        assert_eq!(ids, (0..250).collect::<Vec<u128>>());
-        assert_eq!(clicks[249].code, "c249");
-        let next = writer.invocation("{clicks}:edge:t", 8, &batch[..1]);
-        assert_eq!(lazy.invoke::<i64>(&next).await.unwrap(), 1);
-    }
-
     /// Eight threads push at once, in bursts and pauses: every click lands in
     /// the stream exactly once, in entries of at most a hundred, each
     /// thread's clicks in the order pushed; a lone last click is not left
@@ -941,28 +821,10 @@ mod tests {
         shipper.flush_and_stop(Duration::from_secs(1)).await;
     }
 
-    #[test]
-    fn the_stream_limit_in_entries_follows_how_full_entries_are() {
-        let mut limit = StreamLimit::new(1_000_000);
-        // Full entries: a hundred clicks each.
-        assert_eq!(limit.entries_for_call(2_000, 20), 10_000);
-        // Traffic falls to one click per call: the limit grows with it, a
-        // little per call.
-        let mut previous = 10_000;
-        for _ in 0..500 {
-            let now = limit.entries_for_call(1, 1);
-            assert!(now >= previous);
-            previous = now;
-        }
-        assert!(previous > 900_000, "{previous}");
-        // A call of 150 clicks is two entries of 75.
-        let mut limit = StreamLimit::new(1_500);
-        assert_eq!(limit.entries_for_call(150, 2), 20);
-    }
-
     proptest::proptest! {
         /// The hand-written encoding matches the shared event's stream
-        /// fields, whatever the id, time and address.
+        /// fields, whatever the id, time, address and header bytes (a
+        /// header that is not text is left out).
         #[test]
         fn the_compact_encoding_holds_the_stream_fields(
             event_id in proptest::prelude::any::<u128>(),
@@ -970,10 +832,21 @@ mod tests {
             v4 in proptest::prelude::any::<[u8; 4]>(),
             v6 in proptest::prelude::any::<[u16; 8]>(),
             use_v6 in proptest::prelude::any::<bool>(),
+            agent in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            language in proptest::collection::vec(
+                proptest::sample::select(vec![b'\t', b' ', b'a', b'~', 0x7f, 0x80, 0xe9, 0xff]),
+                0..8,
+            ),
         ) {
-            let (agent, referer) = (
-                HeaderValue::from_static("curl/8"),
+            // Bytes a header value cannot hold (controls) are dropped.
+            let header = |bytes: &[u8]| {
+                let kept: Vec<u8> = bytes.iter().copied().filter(|b| HeaderValue::from_bytes(&[*b]).is_ok()).collect();
+                HeaderValue::from_bytes(&kept).unwrap()
+            };
+            let (agent, referer, language) = (
+                header(&agent),
                 HeaderValue::from_static("https://news.example/"),
+                header(&language),
             );
             let click = || RawClick {
                 event_id,
@@ -982,7 +855,7 @@ mod tests {
                 ip: if use_v6 { IpAddr::from(v6) } else { IpAddr::from(v4) },
                 user_agent: Some(&agent),
                 referer: Some(&referer),
-                accept_language: None,
+                accept_language: Some(&language),
             };
             let expected = click().into_event().to_stream_fields();
             let encoded = click().encode();
@@ -996,7 +869,7 @@ mod tests {
             let mut record = Vec::new();
             click().write_record(&mut record);
             let mut packed = Vec::new();
-            write_packed_record(&mut packed, values);
+            shortener_common::event::write_packed_record(&mut packed, values);
             proptest::prop_assert_eq!(record, packed);
         }
     }

@@ -9,10 +9,10 @@
 //!   bytes are in the kernel's page cache, which outlives the process; they
 //!   do not outlive the machine (no fsync: that would cost a disk flush per
 //!   redirect).
-//! - The shipper reads the segment in order and ships batches with the same
-//!   Lua script as the memory queue, keyed by the segment and numbered by
-//!   the byte offset where the batch ends. Redis therefore records how far
-//!   each segment has been shipped, atomically with the batch.
+//! - The shipper reads the segment in order and ships batches the way the
+//!   memory queue does (`crate::batch`), keyed by the segment and numbered
+//!   by the byte offset where the batch ends. Redis therefore records how
+//!   far each segment has been shipped, atomically with the batch.
 //! - A segment is deleted once shipped to its end, after it was rotated
 //!   (every [`ROTATE_BYTES`]) or at shutdown.
 //! - A new edge process adopts the segments of dead ones in the same
@@ -39,7 +39,8 @@ use std::time::Duration;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::watch;
 
-use crate::clicks::{BatchWriter, Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick};
+use crate::batch::{Batch, BatchWriter};
+use crate::clicks::{Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick};
 
 const MAGIC: u8 = 0xC1;
 const HEADER: usize = 5;
@@ -374,7 +375,7 @@ impl JournalShipping {
     pub(crate) async fn run(mut self) {
         let shipped = metrics::counter!("edge_click_events_shipped_total");
         let backlog = metrics::gauge!("edge_click_journal_bytes");
-        let mut writer = BatchWriter::new(self.stream.clone(), self.max_len);
+        let mut writer = BatchWriter::new(self.redis.clone(), self.stream.clone(), self.max_len);
         let mut segments: VecDeque<Segment> = self.journal.take_segments().into();
         let mut flush_deadline: Option<tokio::time::Instant> = None;
         // When the last call started, if its batch was not full.
@@ -393,7 +394,10 @@ impl JournalShipping {
             };
             if front.read_to.is_none() {
                 let key = self.sequence_key(&front.id);
-                let Some(offset) = self.shipped_offset(&key, &mut flush_deadline).await else {
+                let Some(offset) = self
+                    .shipped_offset(&mut writer, &key, &mut flush_deadline)
+                    .await
+                else {
                     return;
                 };
                 front.read_to = Some(offset);
@@ -439,10 +443,10 @@ impl JournalShipping {
                 continue;
             }
             let key = self.sequence_key(&front.id);
-            let invocation = writer.invocation(&key, end, &batch);
+            let prepared = writer.encoded(&key, end, &batch);
             linger_from = (batch.len() < MAX_BATCH).then(tokio::time::Instant::now);
             match self
-                .ship(&invocation, &mut segments, &mut flush_deadline)
+                .ship(&mut writer, &prepared, &mut segments, &mut flush_deadline)
                 .await
             {
                 Shipped::Done => shipped.increment(batch.len() as u64),
@@ -481,20 +485,19 @@ impl JournalShipping {
         format!("{{{}}}:edge:{segment}", self.stream)
     }
 
-    /// Where Redis says a dead process's segment was shipped to.
+    /// Where Redis says a segment was shipped to (read under the writer's
+    /// watch of its key, so a dead process's last batch, if it lands after
+    /// the read, is refused).
     async fn shipped_offset(
         &mut self,
+        writer: &mut BatchWriter,
         key: &str,
         flush_deadline: &mut Option<tokio::time::Instant>,
     ) -> Option<u64> {
         let mut backoff = RETRY_MIN;
         loop {
-            match self
-                .redis
-                .run::<Option<u64>>(redis::cmd("HGET").arg(key).arg("batch"))
-                .await
-            {
-                Ok(offset) => return Some(offset.unwrap_or(0)),
+            match writer.recorded(key).await {
+                Ok(offset) => return Some(offset),
                 Err(error) => {
                     tracing::warn!(%error, "cannot read how far an adopted click journal was shipped; retrying");
                     if !self.wait(backoff, flush_deadline).await {
@@ -506,19 +509,20 @@ impl JournalShipping {
         }
     }
 
-    /// Runs the batch script until it succeeds. Returns early when the
+    /// Writes the batch until it is in the stream. Returns early when the
     /// front segment is dropped to keep under the size cap, or when
     /// shutting down and the flush period is over.
     async fn ship(
         &mut self,
-        invocation: &redis::ScriptInvocation<'_>,
+        writer: &mut BatchWriter,
+        batch: &Batch,
         segments: &mut VecDeque<Segment>,
         flush_deadline: &mut Option<tokio::time::Instant>,
     ) -> Shipped {
         let errors = metrics::counter!("edge_click_ship_errors_total");
         let mut backoff = RETRY_MIN;
         loop {
-            match self.redis.invoke::<i64>(invocation).await {
+            match writer.write(batch).await {
                 Ok(_) => return Shipped::Done,
                 Err(error) => {
                     errors.increment(1);

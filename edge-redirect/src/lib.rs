@@ -7,6 +7,7 @@
 //! Redis stream ([`clicks`]). Must not: depend on Diesel or Rocket, write
 //! Redis anything but click events, or wait on anything but a cache miss.
 
+mod batch;
 pub mod cache;
 pub mod clicks;
 pub mod invalidate;

@@ -51,9 +51,10 @@ pub fn parse_code(path: &str) -> Option<&str> {
 /// The visitor's address: the peer, unless the peer is a trusted proxy,
 /// in which case the right-most untrusted address of `X-Forwarded-For`.
 /// IPv4 peers of a dual-stack listener (`::ffff:a.b.c.d`) count as IPv4.
-pub fn visitor_ip(
+/// The header is looked up only for a trusted peer.
+pub fn visitor_ip<'h>(
     peer: IpAddr,
-    forwarded_for: Option<&HeaderValue>,
+    forwarded_for: impl FnOnce() -> Option<&'h HeaderValue>,
     trusted: &[ipnet::IpNet],
 ) -> IpAddr {
     let peer = peer.to_canonical();
@@ -61,7 +62,7 @@ pub fn visitor_ip(
     if !is_trusted(&peer) {
         return peer;
     }
-    let Some(list) = forwarded_for.and_then(|v| v.to_str().ok()) else {
+    let Some(list) = forwarded_for().and_then(|v| v.to_str().ok()) else {
         return peer;
     };
     list.rsplit(',')
@@ -205,7 +206,8 @@ impl Edge {
                 location,
                 expires_at_ms,
             } => {
-                if expires_at_ms != 0 && expires_at_ms <= now_unix_ms() {
+                let now_ms = now_unix_ms();
+                if expires_at_ms != 0 && expires_at_ms <= now_ms {
                     return respond(StatusCode::GONE, &JSON, GONE, head);
                 }
                 let headers = request.headers();
@@ -215,8 +217,12 @@ impl Edge {
                     self.clicks.push(RawClick {
                         event_id: rand::random(),
                         code,
-                        ts_ms: now_unix_ms(),
-                        ip: visitor_ip(peer, headers.get("x-forwarded-for"), &self.trusted_proxies),
+                        ts_ms: now_ms,
+                        ip: visitor_ip(
+                            peer,
+                            || headers.get("x-forwarded-for"),
+                            &self.trusted_proxies,
+                        ),
                         user_agent: headers.get(header::USER_AGENT),
                         referer: headers.get(header::REFERER),
                         accept_language: headers.get(header::ACCEPT_LANGUAGE),
@@ -437,22 +443,22 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         // A peer in the range: the right-most address outside it.
         assert_eq!(
-            visitor_ip(ip("10.9.8.7"), Some(&header), &trusted),
+            visitor_ip(ip("10.9.8.7"), || Some(&header), &trusted),
             ip("198.51.100.7")
         );
         assert_eq!(
-            visitor_ip(ip("2001:db8:1::5"), Some(&header), &trusted),
+            visitor_ip(ip("2001:db8:1::5"), || Some(&header), &trusted),
             ip("198.51.100.7")
         );
         // The same peer reaching a dual-stack listener.
         assert_eq!(
-            visitor_ip(ip("::ffff:10.9.8.7"), Some(&header), &trusted),
+            visitor_ip(ip("::ffff:10.9.8.7"), || Some(&header), &trusted),
             ip("198.51.100.7")
         );
         // Just outside the ranges: the header is not believed.
         for outside in ["11.0.0.1", "2001:db8:2::5", "::ffff:11.0.0.1"] {
             assert_eq!(
-                visitor_ip(ip(outside), Some(&header), &trusted),
+                visitor_ip(ip(outside), || Some(&header), &trusted),
                 ip(outside).to_canonical()
             );
         }
@@ -464,13 +470,13 @@ mod tests {
         let stranger: IpAddr = "203.0.113.9".parse().unwrap();
         let header = HeaderValue::from_static("198.51.100.7, 127.0.0.1");
         let trusted = [ipnet::IpNet::from(proxy)];
-        assert_eq!(visitor_ip(stranger, Some(&header), &trusted), stranger);
+        assert_eq!(visitor_ip(stranger, || Some(&header), &trusted), stranger);
         assert_eq!(
-            visitor_ip(proxy, Some(&header), &trusted),
+            visitor_ip(proxy, || Some(&header), &trusted),
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(visitor_ip(proxy, None, &trusted), proxy);
+        assert_eq!(visitor_ip(proxy, || None, &trusted), proxy);
         let spoofed = HeaderValue::from_static("garbage");
-        assert_eq!(visitor_ip(proxy, Some(&spoofed), &trusted), proxy);
+        assert_eq!(visitor_ip(proxy, || Some(&spoofed), &trusted), proxy);
     }
 }
