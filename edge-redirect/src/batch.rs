@@ -16,8 +16,16 @@
 //! number: if it has reached the batch's, the batch is done; if not, the
 //! batch is sent again. Of the lost transaction and the retry, whichever
 //! `EXEC`s second finds the key written since its watch and aborts; an
-//! abort makes the writer read the number again. A batch therefore lands
-//! at most once, and, retried until it does, exactly once.
+//! abort makes the writer read the number again at once. A batch therefore
+//! lands at most once, and, retried until it does, exactly once.
+//!
+//! A key has a second writer in one case: a journal segment adopted from a
+//! dead process, whose last batch may still land after the adopter read how
+//! far the segment was shipped. That batch cuts the records differently, so
+//! the read may find a number between the adopter's batch's start and end:
+//! the writer then answers [`Written::Moved`] and the journal shipper goes
+//! on from there. A transaction that ran with errors (the stream key
+//! holding another type fails every `XADD` alike) is sent again whole.
 //!
 //! A Lua script did this before, checking and writing in one call. Redis
 //! hashes every byte of a script's arguments as it makes them Lua strings,
@@ -68,18 +76,25 @@ impl StreamLimit {
 /// One batch, ready to send (and to send again).
 pub(crate) struct Batch {
     key: String,
+    /// The number recorded once the batch before it is in.
+    from: u64,
     number: u64,
     pipe: redis::Pipeline,
     commands: usize,
 }
 
-/// How a batch came to be in the stream.
+/// What became of a batch.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Written {
-    /// By this call.
+    /// Written by this call.
     Now,
-    /// By an earlier attempt whose answer was lost.
+    /// Written by an earlier attempt whose answer was lost.
     Before,
+    /// Not written: another writer of the key (a dead process whose journal
+    /// segment this one adopted) recorded a number between the batch's
+    /// `from` and its number, so part of the batch is in already. The
+    /// caller starts again from that number.
+    Moved(u64),
 }
 
 /// Writes batches to the stream, trimming it to about
@@ -109,8 +124,14 @@ impl BatchWriter {
     }
 
     /// `batch` as packed entries of up to [`ENTRY_CLICKS`], numbered
-    /// `number` under `key`.
-    pub(crate) fn encoded(&mut self, key: &str, number: u64, batch: &[Encoded]) -> Batch {
+    /// `number` under `key`, following the batch numbered `from`.
+    pub(crate) fn encoded(
+        &mut self,
+        key: &str,
+        from: u64,
+        number: u64,
+        batch: &[Encoded],
+    ) -> Batch {
         let entries: Vec<Vec<u8>> = batch
             .chunks(ENTRY_CLICKS)
             .map(|entry| {
@@ -127,14 +148,15 @@ impl BatchWriter {
                 clicks
             })
             .collect();
-        self.entries(key, number, batch.len(), &entries)
+        self.entries(key, from, number, batch.len(), &entries)
     }
 
     /// `entries` (packed, `clicks` clicks in all), numbered `number` under
-    /// `key`.
+    /// `key`, following the batch numbered `from`.
     pub(crate) fn entries<E: AsRef<[u8]>>(
         &mut self,
         key: &str,
+        from: u64,
         number: u64,
         clicks: usize,
         entries: &[E],
@@ -166,6 +188,7 @@ impl BatchWriter {
             .arg(key);
         Batch {
             key: key.to_owned(),
+            from,
             number,
             pipe,
             commands: entries.len() + 5,
@@ -175,7 +198,12 @@ impl BatchWriter {
     /// Writes `batch` unless an earlier attempt did. An error leaves the
     /// batch for the caller to retry.
     pub(crate) async fn write(&mut self, batch: &Batch) -> redis::RedisResult<Written> {
-        let result = self.attempt(batch).await;
+        let mut result = self.attempt(batch).await;
+        if self.unsure && result.is_err() && self.conn.is_some() {
+            // EXEC refused (the key changed since the watch): read the key
+            // and decide again at once.
+            result = self.attempt(batch).await;
+        }
         self.after(&result);
         result
     }
@@ -226,6 +254,9 @@ impl BatchWriter {
             if recorded >= batch.number {
                 return Ok(Written::Before);
             }
+            if recorded > batch.from {
+                return Ok(Written::Moved(recorded));
+            }
         }
         let conn = self.connection().await?;
         let replies = conn
@@ -240,6 +271,10 @@ impl BatchWriter {
                 Value::ServerError(error) => Some(error.clone()),
                 _ => None,
             }) {
+                // It ran with errors (say the stream key holds another
+                // type, which fails every XADD alike): the number may be
+                // recorded while entries are missing, so the batch is sent
+                // again whole, without reading the number first.
                 Some(error) => Err(error.into()),
                 None => Ok(Written::Now),
             },
@@ -367,7 +402,7 @@ mod tests {
         let redis = TestRedis::start();
         let mut conn = connect(&redis);
         let mut writer = writer(&redis, Duration::from_secs(5));
-        let first = writer.encoded(KEY, 7, &clicks(0..250));
+        let first = writer.encoded(KEY, 6, 7, &clicks(0..250));
         assert_eq!(writer.write(&first).await.unwrap(), Written::Now);
         let len: usize = redis::cmd("XLEN").arg("clicks").query(&mut conn).unwrap();
         assert_eq!(len, 3, "entries of 100, 100 and 50");
@@ -380,11 +415,11 @@ mod tests {
         assert_eq!(writer.write(&first).await.unwrap(), Written::Before);
         assert_eq!(ids(&mut conn).len(), 250);
         // The next number is written, on the new connection.
-        let next = writer.encoded(KEY, 8, &clicks(250..251));
+        let next = writer.encoded(KEY, 7, 8, &clicks(250..251));
         assert_eq!(writer.write(&next).await.unwrap(), Written::Now);
         assert_eq!(ids(&mut conn), (0..251).collect::<Vec<_>>());
         // A lost answer of a batch that never landed: written on retry.
-        let third = writer.encoded(KEY, 9, &clicks(251..260));
+        let third = writer.encoded(KEY, 8, 9, &clicks(251..260));
         writer.lose_connection();
         assert_eq!(writer.write(&third).await.unwrap(), Written::Now);
         assert_eq!(ids(&mut conn), (0..260).collect::<Vec<_>>());
@@ -398,9 +433,9 @@ mod tests {
         let redis = TestRedis::start();
         let mut conn = connect(&redis);
         let mut writer = writer(&redis, Duration::from_secs(5));
-        let first = writer.encoded(KEY, 1, &clicks(0..10));
+        let first = writer.encoded(KEY, 0, 1, &clicks(0..10));
         writer.write(&first).await.unwrap();
-        let second = writer.encoded(KEY, 2, &clicks(10..20));
+        let second = writer.encoded(KEY, 1, 2, &clicks(10..20));
 
         // Late, after the retry: the lost connection had watched the key
         // (as every batch's connection has), so its EXEC is refused.
@@ -414,12 +449,39 @@ mod tests {
 
         // Late, but before the retry's EXEC, after its watch: the retry's
         // EXEC is refused, and the writer then finds the batch written.
-        let third = writer.encoded(KEY, 3, &clicks(20..30));
+        let third = writer.encoded(KEY, 2, 3, &clicks(20..30));
         let _: () = late(&third).query(&mut conn).unwrap();
-        assert!(writer.write(&third).await.is_err(), "its EXEC is refused");
+        // Its EXEC is refused; it reads the key again at once.
         assert_eq!(writer.write(&third).await.unwrap(), Written::Before);
         assert_eq!(ids(&mut conn), (0..30).collect::<Vec<_>>());
         assert_eq!(recorded(&mut conn), Some(3));
+    }
+
+    /// A journal segment adopted from a dead process, whose last batch (a
+    /// different cut of the same records) lands after the adopter read how
+    /// far the segment was shipped: the adopter's batch is refused and it
+    /// is told where to go on from, so no record is written twice.
+    #[tokio::test]
+    async fn a_dead_writers_late_batch_moves_the_adopters_start() {
+        let redis = TestRedis::start();
+        let mut conn = connect(&redis);
+        let mut dead = writer(&redis, Duration::from_secs(5));
+        // Offsets stand in for the byte offsets the journal numbers by.
+        let first = dead.encoded(KEY, 0, 5, &clicks(0..5));
+        dead.write(&first).await.unwrap();
+        let lost = dead.encoded(KEY, 5, 8, &clicks(5..8));
+
+        let mut adopter = writer(&redis, Duration::from_secs(5));
+        assert_eq!(adopter.recorded(KEY).await.unwrap(), 5);
+        let _: () = late(&lost).query(&mut conn).unwrap();
+        let batch = adopter.encoded(KEY, 5, 12, &clicks(5..12));
+        assert_eq!(adopter.write(&batch).await.unwrap(), Written::Moved(8));
+        assert_eq!(ids(&mut conn), (0..8).collect::<Vec<_>>());
+        // From there, the rest.
+        let rest = adopter.encoded(KEY, 8, 12, &clicks(8..12));
+        assert_eq!(adopter.write(&rest).await.unwrap(), Written::Now);
+        assert_eq!(ids(&mut conn), (0..12).collect::<Vec<_>>());
+        assert_eq!(recorded(&mut conn), Some(12));
     }
 
     /// Redis holds the batch's transaction past the writer's timeout
@@ -430,9 +492,9 @@ mod tests {
         let redis = TestRedis::start();
         let mut conn = connect(&redis);
         let mut writer = writer(&redis, Duration::from_millis(200));
-        let first = writer.encoded(KEY, 1, &clicks(0..10));
+        let first = writer.encoded(KEY, 0, 1, &clicks(0..10));
         writer.write(&first).await.unwrap();
-        let second = writer.encoded(KEY, 2, &clicks(10..20));
+        let second = writer.encoded(KEY, 1, 2, &clicks(10..20));
         let _: () = redis::cmd("CLIENT")
             .arg("PAUSE")
             .arg(1_000)

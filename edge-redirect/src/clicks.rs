@@ -47,7 +47,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::batch::BatchWriter;
 use crate::journal::{Journal, JournalShipping};
 
-/// Most clicks written by one script call (in entries of [`ENTRY_CLICKS`]):
+/// Most clicks written by one batch (in entries of [`ENTRY_CLICKS`]):
 /// bounds how long Redis is busy with one call (about a millisecond) and
 /// lets a backlog drain at tens of thousands of clicks per round trip.
 pub(crate) const MAX_BATCH: usize = 2_000;
@@ -146,7 +146,7 @@ impl RawClick<'_> {
         // Formatted by hand, into room reserved once: `write!` and
         // byte-at-a-time pushes cost more than the rest of a click's
         // encoding on the hot path.
-        out.reserve(96 + self.code.len() + headers.iter().map(|h| h.len()).sum::<usize>());
+        out.reserve(100 + self.code.len() + headers.iter().map(|h| h.len()).sum::<usize>());
         let start = out.len();
         let mut ends = [0u16; 7];
         for (i, end) in ends.iter_mut().enumerate() {
@@ -246,6 +246,8 @@ pub struct ClickQueue {
 pub(crate) struct Bunch {
     records: Vec<u8>,
     clicks: usize,
+    /// The slot it was gathered in, which gets its buffer back.
+    slot: usize,
 }
 
 /// Each bunch's records: one stream entry each.
@@ -270,17 +272,25 @@ struct Gather {
     /// Clicks handed to the shipper (full bunches sent, partial ones swept)
     /// and not yet shipped or dropped.
     depth: AtomicUsize,
-    /// Emptied record buffers of shipped bunches, for the next ones: a
-    /// full bunch's new buffer then costs no allocation and no fresh pages.
-    spare: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Spare record buffers kept at most (each about 14 KB).
-const SPARE_BUFFERS: usize = 64;
+/// What a slot holds: its bunch, and emptied record buffers of its shipped
+/// bunches for the next ones (a full bunch's new buffer then costs no
+/// allocation and no fresh pages).
+#[derive(Default)]
+struct Held {
+    bunch: Bunch,
+    spare: Vec<Vec<u8>>,
+}
+
+/// Spare record buffers a slot keeps at most, and the largest kept (a
+/// bunch of a hundred browser clicks is about 14 KB).
+const SPARE_BUFFERS: usize = 8;
+const SPARE_BYTES: usize = 64 << 10;
 
 /// Padded so that two threads' slots never share a cache line.
 #[repr(align(128))]
-struct GatherSlot(Mutex<Bunch>);
+struct GatherSlot(Mutex<Held>);
 
 impl Gather {
     fn new(tx: mpsc::UnboundedSender<Bunch>) -> Self {
@@ -294,41 +304,34 @@ impl Gather {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             depth: AtomicUsize::new(0),
-            spare: Mutex::new(Vec::new()),
         }
     }
 
-    /// An empty buffer with room for `bytes`, a spare one if there is one.
-    fn buffer(&self, bytes: usize) -> Vec<u8> {
-        let spare = self
-            .spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let mut buffer = spare.unwrap_or_default();
-        buffer.reserve(bytes);
-        buffer
-    }
-
-    /// Keeps the record buffers of shipped bunches for [`Gather::buffer`].
+    /// Gives the record buffers of shipped bunches back to their slots.
     fn recycle(&self, bunches: Vec<Bunch>) {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
         for mut bunch in bunches {
-            if spare.len() >= SPARE_BUFFERS {
-                break;
+            if bunch.records.capacity() > SPARE_BYTES {
+                continue;
             }
-            bunch.records.clear();
-            spare.push(bunch.records);
+            let Some(slot) = self.slots.get(bunch.slot) else {
+                continue;
+            };
+            let mut held = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if held.spare.len() < SPARE_BUFFERS {
+                bunch.records.clear();
+                held.spare.push(bunch.records);
+            }
         }
     }
 
-    /// This thread's slot.
-    fn slot(&self) -> &Mutex<Bunch> {
+    /// This thread's slot and its index.
+    fn slot(&self) -> (usize, &Mutex<Held>) {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         thread_local! {
             static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
         }
-        &self.slots[NUMBER.with(|n| *n) % self.slots.len()].0
+        let index = NUMBER.with(|n| *n) % self.slots.len();
+        (index, &self.slots[index].0)
     }
 
     /// Hands a full bunch to the shipper; the clicks back if it has stopped.
@@ -436,26 +439,32 @@ impl ClickQueue {
         let Some(gather) = &self.gather else {
             return;
         };
-        let mut bunch = gather.slot().lock().unwrap_or_else(PoisonError::into_inner);
+        let (index, slot) = gather.slot();
+        let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
         // Read under the lock the shutdown's last sweep takes after setting
         // it: a click either is swept or sees it.
         if gather.closed.load(Ordering::Relaxed) {
-            drop(bunch);
+            drop(guard);
             self.dropped.increment(1);
             return;
         }
+        let held = &mut *guard;
+        let bunch = &mut held.bunch;
         let first = bunch.clicks == 0;
         click.write_record(&mut bunch.records);
         bunch.clicks += 1;
         if bunch.clicks >= ENTRY_CLICKS {
             let room = bunch.records.len() + bunch.records.len() / 4;
-            let full = std::mem::replace(
-                &mut *bunch,
+            let mut records = held.spare.pop().unwrap_or_default();
+            records.reserve(room);
+            let mut full = std::mem::replace(
+                bunch,
                 Bunch {
-                    records: gather.buffer(room),
-                    clicks: 0,
+                    records,
+                    ..Bunch::default()
                 },
             );
+            full.slot = index;
             // Sent under the lock, so the shipper, which empties the channel
             // under this lock before taking the slot's partial bunch, gets
             // this bunch first.
@@ -464,7 +473,7 @@ impl ClickQueue {
                 self.dropped.increment(lost as u64);
             }
         } else if first && gather.idle.load(Ordering::SeqCst) {
-            drop(bunch);
+            drop(guard);
             gather.wake.notify_one();
         }
     }
@@ -505,7 +514,7 @@ impl Shipping {
             self.config.max_len,
         );
         // One key per edge process; the hash tag keeps it in the stream's
-        // slot on a Redis Cluster, as a script's keys must be.
+        // slot on a Redis Cluster, as a transaction's keys must be.
         let sequence_key = format!(
             "{{{}}}:edge:{:016x}",
             self.config.stream,
@@ -576,7 +585,13 @@ impl Shipping {
             self.pending_clicks -= clicks;
             linger_from = self.pending.is_empty().then(tokio::time::Instant::now);
             sequence += 1;
-            let prepared = writer.entries(&sequence_key, sequence, clicks, &records(&batch));
+            let prepared = writer.entries(
+                &sequence_key,
+                sequence - 1,
+                sequence,
+                clicks,
+                &records(&batch),
+            );
             // The prepared batch holds copies of the records.
             self.gather.recycle(batch);
             let mut backoff = RETRY_MIN;
@@ -660,14 +675,17 @@ impl Shipping {
     /// bunches in the channel (sent under that lock, so any from this slot
     /// are older than its partial bunch), then the partial bunch.
     fn take_all(&mut self, raw: &mut Vec<Bunch>) {
-        for slot in &self.gather.slots {
-            let mut bunch = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for (index, slot) in self.gather.slots.iter().enumerate() {
+            let mut held = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
             while let Ok(full) = self.rx.try_recv() {
                 raw.push(full);
             }
+            let bunch = &mut held.bunch;
             if bunch.clicks > 0 {
                 self.gather.depth.fetch_add(bunch.clicks, Ordering::Relaxed);
-                raw.push(std::mem::take(&mut *bunch));
+                let mut partial = std::mem::take(bunch);
+                partial.slot = index;
+                raw.push(partial);
             }
         }
     }

@@ -39,7 +39,7 @@ use std::time::Duration;
 use shortener_common::redis_conn::LazyRedis;
 use tokio::sync::watch;
 
-use crate::batch::{Batch, BatchWriter};
+use crate::batch::{Batch, BatchWriter, Written};
 use crate::clicks::{Encoded, LINGER, MAX_BATCH, RETRY_MAX, RETRY_MIN, RawClick};
 
 const MAGIC: u8 = 0xC1;
@@ -275,6 +275,8 @@ struct Segment {
     chunk: Vec<u8>,
     /// Parsed clicks not yet in a batch, with the offset each record ends at.
     ready: VecDeque<(Encoded, u64)>,
+    /// Where the last batch taken ends (the next one's start).
+    taken_to: u64,
 }
 
 impl Segment {
@@ -290,7 +292,17 @@ impl Segment {
             damaged: false,
             chunk: Vec::new(),
             ready: VecDeque::new(),
+            taken_to: 0,
         }
+    }
+
+    /// Reads on from `offset` (a record's end), forgetting what was read.
+    fn resume_at(&mut self, offset: u64) {
+        self.read_to = Some(offset);
+        self.taken_to = offset;
+        self.unparsed.clear();
+        self.ready.clear();
+        self.damaged = false;
     }
 
     fn len(&self) -> u64 {
@@ -298,7 +310,8 @@ impl Segment {
     }
 
     /// Up to `MAX_BATCH` clicks after what has been taken so far.
-    fn next_batch(&mut self) -> std::io::Result<(Vec<Encoded>, u64)> {
+    /// Returns the batch and where it starts and ends.
+    fn next_batch(&mut self) -> std::io::Result<(Vec<Encoded>, u64, u64)> {
         let mut read_to = self.read_to.expect("resume point known");
         self.chunk.resize(READ_CHUNK, 0);
         while self.ready.len() < MAX_BATCH && !self.damaged {
@@ -322,8 +335,14 @@ impl Segment {
         self.read_to = Some(read_to);
         let n = self.ready.len().min(MAX_BATCH);
         let batch: Vec<(Encoded, u64)> = self.ready.drain(..n).collect();
-        let end = batch.last().map_or(0, |(_, end)| *end);
-        Ok((batch.into_iter().map(|(click, _)| click).collect(), end))
+        let start = self.taken_to;
+        let end = batch.last().map_or(start, |(_, end)| *end);
+        self.taken_to = end;
+        Ok((
+            batch.into_iter().map(|(click, _)| click).collect(),
+            start,
+            end,
+        ))
     }
 
     /// Clicks in the segment not yet shipped (for the drop count).
@@ -333,7 +352,7 @@ impl Segment {
         if self.read_to.is_none() {
             self.read_to = Some(0);
         }
-        while let Ok((batch, _)) = self.next_batch() {
+        while let Ok((batch, _, _)) = self.next_batch() {
             if batch.is_empty() {
                 break;
             }
@@ -365,6 +384,9 @@ pub(crate) struct JournalShipping {
 
 enum Shipped {
     Done,
+    /// Not written: the segment had been shipped to this offset meanwhile
+    /// (`Written::Moved`).
+    Moved(u64),
     /// The segment was dropped (over the size cap) while the batch waited.
     Abandoned,
     /// Shutting down with Redis still away: the journal keeps the rest.
@@ -400,9 +422,9 @@ impl JournalShipping {
                 else {
                     return;
                 };
-                front.read_to = Some(offset);
+                front.resume_at(offset);
             }
-            let (batch, end) = match front.next_batch() {
+            let (batch, start, end) = match front.next_batch() {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::warn!(segment = %front.id, %error, "cannot read the click journal; retrying");
@@ -443,13 +465,22 @@ impl JournalShipping {
                 continue;
             }
             let key = self.sequence_key(&front.id);
-            let prepared = writer.encoded(&key, end, &batch);
+            let prepared = writer.encoded(&key, start, end, &batch);
             linger_from = (batch.len() < MAX_BATCH).then(tokio::time::Instant::now);
             match self
                 .ship(&mut writer, &prepared, &mut segments, &mut flush_deadline)
                 .await
             {
                 Shipped::Done => shipped.increment(batch.len() as u64),
+                Shipped::Moved(offset) => {
+                    // A dead process's last batch landed after this one
+                    // read where its segment was shipped to: go on from
+                    // where that batch ended.
+                    if let Some(front) = segments.front_mut() {
+                        tracing::info!(segment = %front.id, offset, "an adopted click journal segment was shipped further meanwhile; resuming there");
+                        front.resume_at(offset);
+                    }
+                }
                 Shipped::Abandoned => self.dropped.increment(batch.len() as u64),
                 Shipped::GaveUp => {
                     let bytes: u64 = segments.iter().map(Segment::len).sum();
@@ -523,7 +554,8 @@ impl JournalShipping {
         let mut backoff = RETRY_MIN;
         loop {
             match writer.write(batch).await {
-                Ok(_) => return Shipped::Done,
+                Ok(Written::Now | Written::Before) => return Shipped::Done,
+                Ok(Written::Moved(offset)) => return Shipped::Moved(offset),
                 Err(error) => {
                     errors.increment(1);
                     tracing::warn!(%error, "cannot ship click events; retrying");
@@ -744,8 +776,9 @@ mod tests {
         let adopted = &mut segments[0];
         assert!(!adopted.writing);
         assert_eq!(adopted.read_to, None);
-        adopted.read_to = Some(0);
-        let (batch, end) = adopted.next_batch().unwrap();
+        adopted.resume_at(0);
+        let (batch, start, end) = adopted.next_batch().unwrap();
+        assert_eq!(start, 0);
         assert_eq!(batch.len(), 1);
         assert_eq!(end, adopted.len());
         drop(second_segments);

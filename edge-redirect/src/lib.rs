@@ -84,7 +84,7 @@ pub struct Config {
     /// `CLICK_STREAM_MAXLEN`, default 10000000: about how many clicks the
     /// stream holds. Entries carry 1 to 100 clicks, so each edge trims the
     /// stream (`MAXLEN ~`) to this many clicks divided by the average it has
-    /// been putting in an entry (`clicks::StreamLimit`). Clicks the sink has
+    /// been putting in an entry (`batch::StreamLimit`). Clicks the sink has
     /// not read by then are lost, so it bounds the memory Redis gives the
     /// backlog when the sink is down (roughly 200 bytes per click): about
     /// 2 minutes at 80,000 clicks/s, hours at ordinary traffic.
