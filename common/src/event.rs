@@ -62,8 +62,8 @@ pub fn write_packed_record<'a>(out: &mut Vec<u8>, values: impl IntoIterator<Item
 }
 
 /// The `XADD` of one packed entry holding `clicks` (packed records) to
-/// `stream`, for writers other than the edge's script (tests, benchmarks,
-/// replays).
+/// `stream`, for writers other than the edge's batch transaction (tests,
+/// benchmarks, replays).
 pub fn xadd_packed(stream: &str, clicks: Vec<u8>) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream)

@@ -84,14 +84,4 @@ impl LazyRedis {
         let result = pipe.query_async(&mut conn).await;
         self.check(result).await
     }
-
-    /// Runs a script (`EVALSHA`, loading it first if Redis lacks it).
-    pub async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> redis::RedisResult<T> {
-        let mut conn = self.connection().await?;
-        let result = invocation.invoke_async(&mut conn).await;
-        self.check(result).await
-    }
 }

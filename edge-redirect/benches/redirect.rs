@@ -197,7 +197,7 @@ fn wrk_round(url: &str, script: &Path, pids: &[u32], side: &[u32], admin: Option
 /// have Redis take fresh memory through the whole run, and the first touch
 /// of fresh memory in this VM costs every process on it (measured here:
 /// Redis 0.28-0.42 us per click growing, 0.23 at its cap), which is not the
-/// edge's cost. The entries are packed clicks like the edges'.
+/// edge's cost. The entries are packed clicks of browser size.
 fn fill_stream(redis: &TestRedis) {
     use shortener_common::event::{
         ENTRY_CLICKS, PACKED_CLICKS, PACKED_COLUMNS, PACKED_FIELDS, write_packed_record,
@@ -236,6 +236,34 @@ fn fill_stream(redis: &TestRedis) {
                 .ignore();
         }
         let _: () = pipe.query(&mut conn).unwrap();
+    }
+    // Redis keeps an append-only file, as the click stream needs. Rewrite it
+    // now, with the stream at its cap, and turn automatic rewrites off: a
+    // rewrite is a forked child on the same two cores (its CPU is not
+    // counted as Redis's), and the events-on rounds grow the file enough to
+    // start one every few rounds, in whichever server's round it falls.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("auto-aof-rewrite-percentage")
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+    wait_for_aof_rewrite(&mut conn);
+    let _: redis::Value = redis::cmd("BGREWRITEAOF").query(&mut conn).unwrap();
+    wait_for_aof_rewrite(&mut conn);
+}
+
+/// Waits (up to two minutes) until no append-only file rewrite is running
+/// or scheduled.
+fn wait_for_aof_rewrite(conn: &mut redis::Connection) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info: String = redis::cmd("INFO").arg("persistence").query(conn).unwrap();
+        if info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the AOF rewrite did not finish");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

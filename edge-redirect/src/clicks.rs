@@ -284,9 +284,9 @@ struct Held {
     spare: Vec<Vec<u8>>,
 }
 
-/// Spare record buffers a slot keeps at most, and the largest kept (a
-/// bunch of a hundred browser clicks is about 14 KB).
-const SPARE_BUFFERS: usize = 8;
+/// Spare record buffers a slot keeps at most (a batch's worth), and the
+/// largest kept (a bunch of a hundred browser clicks is about 14 KB).
+const SPARE_BUFFERS: usize = MAX_BATCH / ENTRY_CLICKS;
 const SPARE_BYTES: usize = 64 << 10;
 
 /// Padded so that two threads' slots never share a cache line.
@@ -677,14 +677,23 @@ impl Shipping {
     /// are older than its partial bunch), then the partial bunch.
     fn take_all(&mut self, raw: &mut Vec<Bunch>) {
         for (index, slot) in self.gather.slots.iter().enumerate() {
-            let mut held = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut guard = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
             while let Ok(full) = self.rx.try_recv() {
                 raw.push(full);
             }
-            let bunch = &mut held.bunch;
-            if bunch.clicks > 0 {
-                self.gather.depth.fetch_add(bunch.clicks, Ordering::Relaxed);
-                let mut partial = std::mem::take(bunch);
+            let held = &mut *guard;
+            if held.bunch.clicks > 0 {
+                self.gather
+                    .depth
+                    .fetch_add(held.bunch.clicks, Ordering::Relaxed);
+                let records = held.spare.pop().unwrap_or_default();
+                let mut partial = std::mem::replace(
+                    &mut held.bunch,
+                    Bunch {
+                        records,
+                        ..Bunch::default()
+                    },
+                );
                 partial.slot = index;
                 raw.push(partial);
             }
