@@ -324,11 +324,10 @@ fn unexpected(what: &'static str) -> redis::RedisError {
 mod tests {
     use std::time::Duration;
 
-    use http::HeaderValue;
     use shortener_common::testing::{TestRedis, stream_clicks};
 
     use super::*;
-    use crate::clicks::RawClick;
+    use crate::clicks::test_click;
 
     const KEY: &str = "{clicks}:edge:t";
 
@@ -343,20 +342,7 @@ mod tests {
     }
 
     fn clicks(ids: std::ops::Range<u128>) -> Vec<Encoded> {
-        let agent = HeaderValue::from_static("curl/8");
-        ids.map(|i| {
-            RawClick {
-                event_id: i,
-                code: "abc",
-                ts_ms: 1_767_225_600_000,
-                ip: "192.0.2.1".parse().unwrap(),
-                user_agent: Some(&agent),
-                referer: None,
-                accept_language: None,
-            }
-            .encode()
-        })
-        .collect()
+        ids.map(|i| test_click(i).encode()).collect()
     }
 
     fn writer(redis: &TestRedis, response_timeout: Duration) -> BatchWriter {

@@ -650,24 +650,8 @@ impl JournalShipping {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
-    /// A click with a code and headers of its own (leaked: a test's few).
-    fn click(i: u128) -> RawClick<'static> {
-        static AGENT: HeaderValue = HeaderValue::from_static("curl/8");
-        static REFERER: HeaderValue = HeaderValue::from_static("https://news.example/");
-        let language: &'static HeaderValue =
-            Box::leak(Box::new(HeaderValue::from_bytes(b"en\xff").unwrap()));
-        RawClick {
-            event_id: i,
-            code: Box::leak(format!("code{i}").into_boxed_str()),
-            ts_ms: 1_767_225_600_000 + i as i64,
-            ip: "2001:db8::7".parse().unwrap(),
-            user_agent: Some(&AGENT),
-            referer: i.is_multiple_of(2).then_some(&REFERER),
-            accept_language: Some(language),
-        }
-    }
+    use crate::clicks::test_click as click;
 
     #[test]
     fn records_hold_the_stream_fields_and_partial_ones_wait() {
