@@ -786,6 +786,71 @@ async fn a_full_click_queue_drops_the_oldest_clicks() {
     assert_eq!(refs, expected);
 }
 
+/// Asked to stop, the edge stops accepting, answers the request it is in
+/// the middle of, closes idle connections at once, and exits as soon as
+/// they are done rather than at the end of the drain period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_the_request_in_flight_and_closes_idle_connections() {
+    let mut stack = Stack::start_with(&[
+        ("SHUTDOWN_DRAIN_MS", "20000"),
+        ("EDGE_HEADER_TIMEOUT_MS", "20000"),
+    ])
+    .await;
+    let code = stack
+        .create(json!({"url": "https://example.com/in-flight"}))
+        .await;
+    let mut idle = stack.raw_connection(Duration::from_secs(5));
+    // Redis holds every command for 1.5 s, so the first request for the
+    // code (a miss) is still waiting on its lookup when the signal comes;
+    // after the 1 s Redis timeout the control plane answers it.
+    let mut conn = stack.redis_conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query(&mut conn)
+        .unwrap();
+    let in_flight = {
+        let client = stack.edge.clone();
+        let url = format!("http://127.0.0.1:{}/{code}", stack.edge_port);
+        tokio::spawn(async move { client.get(url).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!in_flight.is_finished(), "the lookup did not wait on Redis");
+    let signalled = Instant::now();
+    let _ = stack.shutdown.take().unwrap().send(());
+
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut byte = [0u8; 1];
+        (idle.read(&mut byte), Instant::now())
+    });
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(response.status(), 302);
+    assert_eq!(
+        response.headers()["location"],
+        "https://example.com/in-flight"
+    );
+    let (read, at) = closed.await.unwrap();
+    assert_eq!(read.unwrap(), 0, "the idle connection is closed");
+    assert!(
+        at - signalled < Duration::from_millis(1000),
+        "the idle connection was closed {:?} after the signal",
+        at - signalled
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", stack.edge_port)).is_err(),
+        "the edge still accepts connections"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stack.edge_task.take().unwrap())
+        .await
+        .expect("the edge exits once its connections are done, not after the drain period")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ships_the_clicks_still_held() {
     let mut stack = Stack::start_with(&[("SHUTDOWN_DRAIN_MS", "10000")]).await;
