@@ -24,7 +24,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashSet;
@@ -68,7 +68,7 @@ struct Slot {
     bytes: Bytes,
     /// The redirect status, or `MISSING`, `DISABLED` or `BLOCKED`.
     kind: u16,
-    /// Seconds since the cache was created, when the entry was fetched.
+    /// When the entry was fetched, in Unix seconds.
     fetched_at: u32,
     referenced: AtomicBool,
 }
@@ -216,12 +216,23 @@ impl PartialEq for Slot {
 
 impl Eq for Slot {}
 
+/// The wall clock, Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Unix seconds as kept in a slot (good until 2106).
+fn unix_secs(unix_ms: i64) -> u32 {
+    u32::try_from(unix_ms.max(0) / 1000).unwrap_or(u32::MAX)
+}
+
 pub struct Cache {
     map: DashSet<Slot>,
     capacity: usize,
     max_age: Duration,
     negative_ttl: Duration,
-    born: Instant,
     sweeping: Arc<AtomicBool>,
     evictions: Arc<AtomicU64>,
     /// Invalidation counters, striped by code hash (plus a whole-cache
@@ -246,7 +257,6 @@ impl Cache {
             capacity,
             max_age,
             negative_ttl,
-            born: Instant::now(),
             sweeping: Arc::new(AtomicBool::new(false)),
             evictions: Arc::new(AtomicU64::new(0)),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
@@ -255,18 +265,26 @@ impl Cache {
         })
     }
 
-    fn now_secs(&self) -> u32 {
-        self.born.elapsed().as_secs() as u32
-    }
-
     /// The cached answer, if there is a fresh one.
     pub fn get(&self, code: &str) -> Option<Target> {
+        self.get_at(code, unix_ms())
+    }
+
+    /// The cached answer, if there is a fresh one at `now_ms` (Unix ms,
+    /// the clock the caller has just read for its click). Ages are counted
+    /// on the wall clock, in seconds: an entry fetched "later" than now
+    /// (the clock was set back) counts as stale, so setting the clock back
+    /// can only shorten how long an entry is trusted.
+    pub fn get_at(&self, code: &str, now_ms: i64) -> Option<Target> {
         let slot = self.map.get(code)?;
         let ttl = match slot.kind {
             MISSING => self.negative_ttl,
             _ => self.max_age,
         };
-        if u64::from(self.now_secs().saturating_sub(slot.fetched_at)) >= ttl.as_secs().max(1) {
+        let fresh = unix_secs(now_ms)
+            .checked_sub(slot.fetched_at)
+            .is_some_and(|age| u64::from(age) < ttl.as_secs().max(1));
+        if !fresh {
             return None;
         }
         if !slot.referenced.load(Ordering::Relaxed) {
@@ -276,7 +294,7 @@ impl Cache {
     }
 
     pub fn insert(self: &Arc<Self>, code: &str, target: Target) {
-        let Some(slot) = Slot::new(code, &target, self.now_secs()) else {
+        let Some(slot) = Slot::new(code, &target, unix_secs(unix_ms())) else {
             return;
         };
         // A set keeps the element it has: replace it.
@@ -370,6 +388,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn redirect(url: &'static str) -> Target {
         Target::Redirect {
@@ -458,6 +477,20 @@ mod tests {
             assert!(Instant::now() < deadline, "entries never aged out");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Ages count on the wall clock in seconds: an entry is fresh until
+    /// `max_age` after it was fetched, and a clock set back makes it stale,
+    /// never fresher.
+    #[test]
+    fn ages_count_on_the_wall_clock_and_a_clock_set_back_makes_entries_stale() {
+        let cache = Cache::new(10, Duration::from_secs(60), Duration::from_secs(60));
+        let now = unix_ms();
+        cache.insert("a", redirect("https://example.com/a"));
+        assert!(cache.get_at("a", now).is_some());
+        assert!(cache.get_at("a", now + 58_000).is_some());
+        assert_eq!(cache.get_at("a", now + 61_000), None);
+        assert_eq!(cache.get_at("a", now - 2_000), None);
     }
 
     #[test]

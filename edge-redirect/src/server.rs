@@ -22,7 +22,7 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::cache::{Cache, Target};
+use crate::cache::{Cache, Target, unix_ms};
 use crate::clicks::{ClickQueue, RawClick};
 use crate::resolve::Resolver;
 
@@ -187,14 +187,19 @@ impl Edge {
             self.counters.rejected.increment(1);
             return respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head);
         };
-        let target = match self.cache.get(code) {
+        // One clock read per hit: the cache's ages and the click.
+        let mut now_ms = unix_ms();
+        let target = match self.cache.get_at(code, now_ms) {
             Some(target) => {
                 self.counters.hits.increment(1);
                 target
             }
             None => {
                 self.counters.misses.increment(1);
-                match self.resolver.lookup(code, &self.cache).await {
+                let looked_up = self.resolver.lookup(code, &self.cache).await;
+                // The click's time is when the edge answered.
+                now_ms = unix_ms();
+                match looked_up {
                     Ok(target) => target,
                     Err(error) => {
                         tracing::warn!(code, %error, "cannot resolve a code");
@@ -209,7 +214,6 @@ impl Edge {
                 location,
                 expires_at_ms,
             } => {
-                let now_ms = now_unix_ms();
                 if expires_at_ms != 0 && expires_at_ms <= now_ms {
                     return respond(StatusCode::GONE, &JSON, GONE, head);
                 }
@@ -242,13 +246,6 @@ impl Edge {
             Target::Missing => respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head),
         }
     }
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Limits that keep slow or abusive clients from holding the server.
