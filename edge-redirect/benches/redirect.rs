@@ -38,7 +38,7 @@ use shortener_common::testing::{
 };
 
 const LINKS: usize = 100_000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const ROUND_SECS: u64 = 10;
 /// The edges' `CLICK_STREAM_MAXLEN`; the stream is filled to it before the
 /// rounds (see `fill_stream`).
