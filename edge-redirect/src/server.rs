@@ -411,7 +411,9 @@ pub async fn serve(
     drain: Duration,
 ) {
     let drain_all = Arc::new(Drain::default());
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Capped so that the drain below can wait for every slot at once.
+    let max_connections = limits.max_connections.min(u32::MAX as usize);
+    let slots = Arc::new(Semaphore::new(max_connections));
     // No hyper timer: hyper's header-read timeout allocates and arms a
     // timer for every request. Each connection's `watchdog` does that job
     // with one timer tick per quarter of the timeout.
@@ -482,8 +484,7 @@ pub async fn serve(
     drop(listener);
     drain_all.close();
     // Every connection holds a slot until it is done.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain, slots.acquire_many(all))
+    if tokio::time::timeout(drain, slots.acquire_many(max_connections as u32))
         .await
         .is_err()
     {
