@@ -14,6 +14,7 @@ pub mod invalidate;
 pub mod journal;
 pub mod resolve;
 pub mod server;
+pub mod tally;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -332,6 +333,8 @@ async fn admin(
     request: http::Request<hyper::body::Incoming>,
 ) -> http::Response<shortener_common::http::Body> {
     metrics::gauge!("edge_cache_entries").set(edge.cache.len() as f64);
+    edge.counters.publish();
+    edge.clicks.publish();
     shortener_common::ops::respond(request, || async {
         match edge
             .resolver

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use crate::cache::{Cache, Target, unix_ms};
 use crate::clicks::{ClickQueue, RawClick};
 use crate::resolve::Resolver;
+use crate::tally::Tally;
 
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
 static TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
@@ -108,25 +109,30 @@ const STATUSES: [u16; 9] = [301, 302, 307, 308, 400, 404, 405, 410, 503];
 /// enough for percentiles, too few to cost the hot path anything.
 const TIME_ONE_IN: u32 = 64;
 
-/// Metric handles fetched once, so the hot path skips the registry lookup.
+/// The hot path's counters: per-thread tallies (`crate::tally`), published
+/// at each read of `/metrics`; and the request-duration histogram, which
+/// only one request in [`TIME_ONE_IN`] touches.
 pub struct Counters {
-    hits: metrics::Counter,
-    misses: metrics::Counter,
-    rejected: metrics::Counter,
-    /// `edge_http_responses_total{status}`, in `STATUSES` order, then
-    /// `status="other"`.
-    responses: [metrics::Counter; STATUSES.len() + 1],
+    /// In order: [`HITS`], [`MISSES`], [`REJECTED`], then
+    /// `edge_http_responses_total{status}` from [`RESPONSES`] in `STATUSES`
+    /// order, then `status="other"`.
+    tally: Tally<{ RESPONSES + STATUSES.len() + 1 }>,
     duration: metrics::Histogram,
 }
+
+const HITS: usize = 0;
+const MISSES: usize = 1;
+const REJECTED: usize = 2;
+const RESPONSES: usize = 3;
 
 impl Counters {
     pub fn new() -> Self {
         let response = |status: &'static str| metrics::counter!("edge_http_responses_total", "status" => status);
         Self {
-            hits: metrics::counter!("edge_cache_hits_total"),
-            misses: metrics::counter!("edge_cache_misses_total"),
-            rejected: metrics::counter!("edge_rejected_paths_total"),
-            responses: [
+            tally: Tally::new([
+                metrics::counter!("edge_cache_hits_total"),
+                metrics::counter!("edge_cache_misses_total"),
+                metrics::counter!("edge_rejected_paths_total"),
                 response("301"),
                 response("302"),
                 response("307"),
@@ -137,7 +143,7 @@ impl Counters {
                 response("410"),
                 response("503"),
                 response("other"),
-            ],
+            ]),
             duration: metrics::histogram!("edge_http_request_duration_seconds"),
         }
     }
@@ -147,7 +153,12 @@ impl Counters {
             .iter()
             .position(|s| *s == status.as_u16())
             .unwrap_or(STATUSES.len());
-        self.responses[i].increment(1);
+        self.tally.add(RESPONSES + i, 1);
+    }
+
+    /// Hands the counts made so far to the `metrics` counters.
+    pub fn publish(&self) {
+        self.tally.publish();
     }
 }
 
@@ -184,18 +195,18 @@ impl Edge {
             }
         };
         let Some(code) = parse_code(request.uri().path()) else {
-            self.counters.rejected.increment(1);
+            self.counters.tally.add(REJECTED, 1);
             return respond(StatusCode::NOT_FOUND, &JSON, NOT_FOUND, head);
         };
         // One clock read per hit: the cache's ages and the click.
         let mut now_ms = unix_ms();
         let target = match self.cache.get_at(code, now_ms) {
             Some(target) => {
-                self.counters.hits.increment(1);
+                self.counters.tally.add(HITS, 1);
                 target
             }
             None => {
-                self.counters.misses.increment(1);
+                self.counters.tally.add(MISSES, 1);
                 let looked_up = self.resolver.lookup(code, &self.cache).await;
                 // The click's time is when the edge answered.
                 now_ms = unix_ms();
