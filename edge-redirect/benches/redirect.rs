@@ -652,6 +652,23 @@ async fn run() {
         "clicks",
     )
     .len();
+    // Redis's count of AOF writes it had to make without waiting for the
+    // previous fsync (the disk was slow): a run's events-on rounds can
+    // only be read against it.
+    let delayed_fsyncs = redis::cmd("INFO")
+        .arg("persistence")
+        .query::<String>(
+            &mut redis::Client::open(redis.url())
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("aof_delayed_fsync:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
     drop(nginx);
     drop(nginx_one);
     drop(edge);
@@ -755,6 +772,20 @@ async fn run() {
         e_rps / n_rps,
         e_p99 / n_p99,
         e_cpu / n_cpu
+    );
+    let cpus = |rounds: &[Round]| {
+        rounds
+            .iter()
+            .map(|r| format!("{:.1}", r.cpu_us_per_request))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "  CPU per redirect by round (us): events on {}; journal {}; events off {}; nginx {}; Redis delayed fsyncs: {delayed_fsyncs}",
+        cpus(&edge_rounds),
+        cpus(&journal_rounds),
+        cpus(&off_rounds),
+        cpus(&nginx_rounds)
     );
     println!(
         "  one serving thread each (EDGE_WORKER_THREADS=1, worker_processes 1), click events on:"

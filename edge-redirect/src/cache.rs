@@ -235,6 +235,8 @@ fn prefetch<T>(element: *const T) {
             _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(size_of::<T>() - 1));
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = element;
 }
 
 /// The wall clock, Unix milliseconds.
@@ -297,9 +299,10 @@ impl Cache {
     /// (the clock was set back) counts as stale, so setting the clock back
     /// can only shorten how long an entry is trusted.
     pub fn get_at(&self, code: &str, now_ms: i64) -> Option<Target> {
-        // `DashSet::get`, with the slot the code most likely sits in loaded
-        // at the same time as the table's control bytes rather than after
-        // them (see `home_slot`).
+        // `DashSet::get`, with the slot the code most likely sits in (its
+        // home position, `hash & (buckets - 1)`; hashbrown keeps slot `i`
+        // at `data_end - (i + 1)`) loaded at the same time as the table's
+        // control bytes rather than after them.
         let hash = self.map.hash_usize(&code);
         let shard = self.map.shards()[self.map.determine_shard(hash)].read();
         prefetch(

@@ -333,8 +333,11 @@ async fn admin(
     request: http::Request<hyper::body::Incoming>,
 ) -> http::Response<shortener_common::http::Body> {
     metrics::gauge!("edge_cache_entries").set(edge.cache.len() as f64);
-    edge.counters.publish();
-    edge.clicks.publish();
+    if request.uri().path() == "/metrics" {
+        // The hot path counts per thread; the counters get the sums now.
+        edge.counters.publish();
+        edge.clicks.publish();
+    }
     shortener_common::ops::respond(request, || async {
         match edge
             .resolver
