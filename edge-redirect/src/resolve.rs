@@ -97,8 +97,11 @@ impl Resolver {
     }
 
     /// Resolves `code`, sharing one lookup among concurrent callers, and
-    /// caches the answer before the lookup stops being shared, so no caller
-    /// can slip between the two and look up again.
+    /// caches the answer before the lookup stops being shared. A caller
+    /// that missed the cache just before that answer was cached, and comes
+    /// here just after the lookup stopped being shared, starts a new one:
+    /// which first reads the cache again, so it finds the answer there and
+    /// asks Redis nothing.
     pub async fn lookup(&self, code: &str, cache: &Arc<Cache>) -> Result<Target, LookupError> {
         let cell = self.inflight.entry(code.into()).or_default().clone();
         let mut first = false;
@@ -106,6 +109,9 @@ impl Resolver {
             .get_or_init(|| {
                 first = true;
                 async {
+                    if let Some(target) = cache.get(code) {
+                        return Ok(target);
+                    }
                     let epoch = cache.epoch(code);
                     let result = self.fetch(code).await;
                     if let Ok(target) = &result {
@@ -217,5 +223,27 @@ mod tests {
         ] {
             assert!(to_target(bad).is_err());
         }
+    }
+
+    /// A request that missed the cache just before another request's lookup
+    /// cached the answer, and arrives once that lookup is no longer shared,
+    /// takes the answer from the cache: here Redis and the control plane
+    /// are both unreachable, so any lookup would fail.
+    #[tokio::test]
+    async fn a_lookup_starts_by_reading_the_cache_again() {
+        let resolver = Resolver::new(
+            LazyRedis::new("redis://127.0.0.1:1").unwrap(),
+            "http://127.0.0.1:1".to_owned(),
+            None,
+        );
+        let cache = Cache::new(10, Duration::from_secs(60), Duration::from_secs(5));
+        let target = Target::Redirect {
+            status: StatusCode::FOUND,
+            location: HeaderValue::from_static("https://e.com/cached"),
+            expires_at_ms: 0,
+        };
+        cache.insert("abc", target.clone());
+        assert_eq!(resolver.lookup("abc", &cache).await.unwrap(), target);
+        assert!(resolver.lookup("other", &cache).await.is_err());
     }
 }
