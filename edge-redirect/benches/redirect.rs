@@ -644,25 +644,17 @@ async fn run() {
     let (n_rps, n_p50, n_p99, n_cpu) = summary(&nginx_rounds);
     let (e1_rps, e1_p50, e1_p99, e1_cpu) = summary(&one_rounds);
     let (n1_rps, n1_p50, n1_p99, n1_cpu) = summary(&nginx_one_rounds);
-    let events = shortener_common::testing::stream_clicks(
-        &mut redis::Client::open(redis.url())
-            .unwrap()
-            .get_connection()
-            .unwrap(),
-        "clicks",
-    )
-    .len();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let events = shortener_common::testing::stream_clicks(&mut conn, "clicks").len();
     // Redis's count of AOF writes it had to make without waiting for the
     // previous fsync (the disk was slow): a run's events-on rounds can
     // only be read against it.
     let delayed_fsyncs = redis::cmd("INFO")
         .arg("persistence")
-        .query::<String>(
-            &mut redis::Client::open(redis.url())
-                .unwrap()
-                .get_connection()
-                .unwrap(),
-        )
+        .query::<String>(&mut conn)
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("aof_delayed_fsync:"))
@@ -704,10 +696,6 @@ async fn run() {
     let redis_get_rps = redis_benchmark_get(redis.port());
 
     // 5. Memory with 1,000,000 cached links.
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
     let million = 1_000_000usize;
     for chunk in (0..million).collect::<Vec<_>>().chunks(10_000) {
         let mut pipe = redis::pipe();

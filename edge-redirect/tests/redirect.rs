@@ -108,7 +108,7 @@ impl Stack {
         eventually(Duration::from_secs(10), "the edge to subscribe", || {
             let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
                 .arg("NUMSUB")
-                .arg("link-invalidations")
+                .arg(edge_redirect::invalidate::CHANNEL)
                 .query(&mut conn)
                 .unwrap();
             async move { (subscribers[0].1 >= 1).then_some(()) }
@@ -224,7 +224,7 @@ impl Stack {
         self.cache
             .insert(sentinel, edge_redirect::cache::Target::Missing);
         let _: i64 = redis::cmd("PUBLISH")
-            .arg("link-invalidations")
+            .arg(edge_redirect::invalidate::CHANNEL)
             .arg(sentinel)
             .query(&mut self.redis_conn())
             .unwrap();
