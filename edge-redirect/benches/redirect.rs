@@ -13,12 +13,18 @@
 //!    server's CPU time per redirect (user + system time of its processes
 //!    from /proc, divided by requests served), which does not depend on the
 //!    load generator.
-//!    A second pair runs with one serving thread each: the edge with
-//!    `EDGE_WORKER_THREADS=1` (events on) and nginx with
-//!    `worker_processes 1`, since on these two cores wrk and Redis compete
+//!    The targets' comparison comes first, its servers close together in
+//!    time: the edge with events on, nginx, the edge with events off.
+//!    Then, in rounds of their own, the secondary pairs: the journal edge
+//!    against the edge without it, and one serving thread each (the edge
+//!    with `EDGE_WORKER_THREADS=1`, events on, and nginx with
+//!    `worker_processes 1`), since on these two cores wrk and Redis compete
 //!    with the servers' own threads.
 //!    Redis's CPU time during the events-on rounds is reported too: it is
 //!    what shipping click events costs outside the edge.
+//!    Every round starts on a quiet machine (less than a tenth of a core
+//!    busy), after PostgreSQL has been vacuumed and checkpointed, and the
+//!    CPU that other processes took during the rounds is printed.
 //! 4. Empty cache: an edge whose entries expire after 1 ms, so every request
 //!    is a miss answered by one Redis `GET`, against `redis-benchmark -t get
 //!    -c 64` on the same Redis.
@@ -38,7 +44,12 @@ use shortener_common::testing::{
 };
 
 const LINKS: usize = 100_000;
-const ROUNDS: usize = 5;
+/// Rounds of the comparison the targets are about: the edge with click
+/// events on, nginx and the edge with events off, alternating.
+const ROUNDS: usize = 7;
+/// Rounds of the secondary pairs: the click journal against plain events,
+/// and one serving thread each.
+const SECONDARY_ROUNDS: usize = 3;
 const ROUND_SECS: u64 = 10;
 /// The edges' `CLICK_STREAM_MAXLEN`; the stream is filled to it before the
 /// rounds (see `fill_stream`).
@@ -77,11 +88,64 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
 }
 
 fn ticks_per_second() -> u64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(100)
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(100)
+    })
+}
+
+/// Busy time of the whole machine (every CPU, every state but idle and
+/// I/O wait), in clock ticks.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user)
+    ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+}
+
+/// CPU time of this process's finished children (wrk), in clock ticks.
+fn finished_children_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // cutime and cstime, counted from the state field.
+    fields[13] + fields[14]
+}
+
+/// Writes back dirty pages, then waits (at most 30 s) until less than a
+/// tenth of a core is busy over half a second, so that a round does not
+/// start while something else (PostgreSQL after the creates, the kernel
+/// writing back the previous round's files) still has work to do. Returns
+/// how long it waited.
+fn until_quiet() -> Duration {
+    let started = Instant::now();
+    // Dirty pages (Redis's append-only file, the journal) are written back
+    // now rather than by the kernel's flusher in the middle of a round.
+    let _ = Command::new("sync").status();
+    loop {
+        let before = machine_busy_ticks();
+        std::thread::sleep(Duration::from_millis(500));
+        let cores = (machine_busy_ticks() - before) as f64 / ticks_per_second() as f64 / 0.5;
+        if cores < 0.1 || started.elapsed() > Duration::from_secs(30) {
+            return started.elapsed();
+        }
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -122,6 +186,11 @@ struct Round {
     cpu_us_per_request: f64,
     /// CPU of the `side` processes (Redis) per request.
     side_cpu_us_per_request: f64,
+    /// Cores kept busy during the round by anything but the server, the
+    /// `side` processes and wrk.
+    background_cores: f64,
+    /// How long the round waited for a quiet machine before it started.
+    waited: Duration,
 }
 
 fn parse_ms(value: &str) -> f64 {
@@ -143,6 +212,10 @@ fn parse_ms(value: &str) -> f64 {
 /// made: so shipping that lags behind the load is counted in its round, and
 /// never runs on into the next server's.
 fn wrk_round(url: &str, script: &Path, pids: &[u32], side: &[u32], admin: Option<u16>) -> Round {
+    let waited = until_quiet();
+    let started = Instant::now();
+    let machine_before = machine_busy_ticks();
+    let wrk_before = finished_children_ticks();
     let before = cpu_ticks(pids);
     let side_before = cpu_ticks(side);
     let output = Command::new("wrk")
@@ -162,6 +235,9 @@ fn wrk_round(url: &str, script: &Path, pids: &[u32], side: &[u32], admin: Option
     }
     let after = cpu_ticks(pids);
     let side_after = cpu_ticks(side);
+    let machine = machine_busy_ticks() - machine_before;
+    let wrk = finished_children_ticks() - wrk_before;
+    let background = machine.saturating_sub(after - before + side_after - side_before + wrk);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "wrk failed: {text}");
     let line = |prefix: &str| {
@@ -189,6 +265,10 @@ fn wrk_round(url: &str, script: &Path, pids: &[u32], side: &[u32], admin: Option
         p99_ms: parse_ms(line("99%")),
         cpu_us_per_request: cpu_secs * 1e6 / requests,
         side_cpu_us_per_request: side_secs * 1e6 / requests,
+        background_cores: background as f64
+            / ticks_per_second() as f64
+            / started.elapsed().as_secs_f64(),
+        waited,
     }
 }
 
@@ -427,10 +507,11 @@ async fn run() {
 
     let keygen = keygen::testing::InProcessKeygen::start().await;
     let cp_port = free_port();
+    let database_url = pg.create_database();
     let rocket = control_plane::build(
         &control_plane::Config::from_env(shortener_common::Env::from_pairs([
             ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-            ("DATABASE_URL", pg.create_database()),
+            ("DATABASE_URL", database_url.clone()),
             ("REDIS_URL", redis.url()),
             ("KEYGEN_GRPC_URL", keygen.grpc_url()),
             ("ADMIN_API_KEY", ADMIN_KEY.into()),
@@ -487,6 +568,24 @@ async fn run() {
         links.len(),
         started.elapsed()
     );
+    // PostgreSQL's work after the creates is done before any round: the
+    // relay has written every link to Redis, and VACUUM and CHECKPOINT do
+    // now what autovacuum and the checkpointer would do in the middle of
+    // the rounds (one run saw PostgreSQL keep most of a core busy for a
+    // minute after the creates).
+    shortener_common::testing::wait_for(
+        Duration::from_secs(120),
+        "the outbox relay to write every link to Redis",
+        || {
+            pg.psql_on(
+                &database_url,
+                "SELECT count(*) FROM link_outbox WHERE processed_at IS NULL",
+            ) == "0"
+        },
+    );
+    pg.psql_on(&database_url, "VACUUM ANALYZE");
+    pg.psql_on(&database_url, "CHECKPOINT");
+
     // nginx map keys ignore case: keep one code per case-folded key.
     let mut folded = HashSet::new();
     links.retain(|(code, _)| folded.insert(code.to_ascii_lowercase()));
@@ -574,26 +673,25 @@ async fn run() {
     let redis_pids: Vec<u32> = redis.pid().into_iter().collect();
     let nginx_all = nginx_pids(nginx.pid());
     let nginx_one_all = nginx_pids(nginx_one.pid());
-    let mut one_rounds = Vec::new();
-    let mut nginx_one_rounds = Vec::new();
     let mut edge_rounds = Vec::new();
-    let mut journal_rounds = Vec::new();
-    let mut off_rounds = Vec::new();
     let mut nginx_rounds = Vec::new();
+    let mut off_rounds = Vec::new();
+    // The comparison the targets are about, close together in time: the
+    // edge with click events on, nginx and the edge with events off.
     for _ in 0..ROUNDS {
-        journal_rounds.push(wrk_round(
-            &format!("http://127.0.0.1:{journal_port}"),
-            &script,
-            &[edge_journal.pid()],
-            &redis_pids,
-            Some(journal_admin),
-        ));
         edge_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{edge_port}"),
             &script,
             &edge_pids,
             &redis_pids,
             Some(edge_admin),
+        ));
+        nginx_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{nginx_port}"),
+            &script,
+            &nginx_all,
+            &[],
+            None,
         ));
         off_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{off_port}"),
@@ -602,12 +700,29 @@ async fn run() {
             &redis_pids,
             None,
         ));
-        nginx_rounds.push(wrk_round(
-            &format!("http://127.0.0.1:{nginx_port}"),
+    }
+    // Then the secondary pairs: the journal against plain events (the
+    // journal's files make the kernel write back during the rounds after
+    // it, so it stays out of the comparison above), and one serving
+    // thread each.
+    let mut journal_rounds = Vec::new();
+    let mut plain_rounds = Vec::new();
+    let mut one_rounds = Vec::new();
+    let mut nginx_one_rounds = Vec::new();
+    for _ in 0..SECONDARY_ROUNDS {
+        journal_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{journal_port}"),
             &script,
-            &nginx_all,
-            &[],
-            None,
+            &[edge_journal.pid()],
+            &redis_pids,
+            Some(journal_admin),
+        ));
+        plain_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{edge_port}"),
+            &script,
+            &edge_pids,
+            &redis_pids,
+            Some(edge_admin),
         ));
         one_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{one_port}"),
@@ -640,6 +755,7 @@ async fn run() {
             .collect(),
     );
     let (j_rps, j_p50, j_p99, j_cpu) = summary(&journal_rounds);
+    let (p_rps, _, _, p_cpu) = summary(&plain_rounds);
     let (o_rps, o_p50, o_p99, o_cpu) = summary(&off_rounds);
     let (n_rps, n_p50, n_p99, n_cpu) = summary(&nginx_rounds);
     let (e1_rps, e1_p50, e1_p99, e1_cpu) = summary(&one_rounds);
@@ -740,14 +856,11 @@ async fn run() {
     let per_link = (rss_full.saturating_sub(rss_empty)) as f64 * 1024.0 / million as f64;
 
     println!(
-        "edge-redirect vs nginx: {} links, wrk -t1 -c64, {ROUNDS} alternating rounds of {ROUND_SECS} s, medians",
+        "edge-redirect vs nginx: {} links, wrk -t1 -c64, {ROUNDS} alternating rounds of {ROUND_SECS} s (events on, nginx, events off), medians",
         links.len()
     );
     println!(
         "  edge (click events on):  {e_rps:>9.0} req/s  p50 {e_p50:.2} ms  p99 {e_p99:.2} ms  CPU {e_cpu:.1} us/redirect"
-    );
-    println!(
-        "  edge (events + journal): {j_rps:>9.0} req/s  p50 {j_p50:.2} ms  p99 {j_p99:.2} ms  CPU {j_cpu:.1} us/redirect"
     );
     println!(
         "  edge (click events off): {o_rps:>9.0} req/s  p50 {o_p50:.2} ms  p99 {o_p99:.2} ms  CPU {o_cpu:.1} us/redirect"
@@ -769,14 +882,37 @@ async fn run() {
             .join(" ")
     };
     println!(
-        "  CPU per redirect by round (us): events on {}; journal {}; events off {}; nginx {}; Redis delayed fsyncs: {delayed_fsyncs}",
+        "  CPU per redirect by round (us): events on {}; nginx {}; events off {}; Redis delayed fsyncs: {delayed_fsyncs}",
         cpus(&edge_rounds),
-        cpus(&journal_rounds),
-        cpus(&off_rounds),
-        cpus(&nginx_rounds)
+        cpus(&nginx_rounds),
+        cpus(&off_rounds)
+    );
+    let all_rounds: Vec<&Round> = [
+        &edge_rounds,
+        &nginx_rounds,
+        &off_rounds,
+        &journal_rounds,
+        &plain_rounds,
+        &one_rounds,
+        &nginx_one_rounds,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let background: Vec<f64> = all_rounds.iter().map(|r| r.background_cores).collect();
+    let longest_wait = all_rounds
+        .iter()
+        .map(|r| r.waited)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "  other processes during the rounds: median {:.2}, most {:.2} of a core; each round waited for a quiet machine (longest wait {:.1} s)",
+        median(background.clone()),
+        background.iter().copied().fold(0.0, f64::max),
+        longest_wait.as_secs_f64()
     );
     println!(
-        "  one serving thread each (EDGE_WORKER_THREADS=1, worker_processes 1), click events on:"
+        "  one serving thread each (EDGE_WORKER_THREADS=1, worker_processes 1), click events on, {SECONDARY_ROUNDS} rounds:"
     );
     println!(
         "    edge:  {e1_rps:>9.0} req/s  p50 {e1_p50:.2} ms  p99 {e1_p99:.2} ms  CPU {e1_cpu:.1} us/redirect"
@@ -799,9 +935,9 @@ async fn run() {
         e_cpu / o_cpu
     );
     println!(
-        "  click journal (EDGE_CLICK_JOURNAL_DIR) on/off: throughput {:.2}x, CPU per redirect {:.2}x",
-        j_rps / e_rps,
-        j_cpu / e_cpu
+        "  click journal (EDGE_CLICK_JOURNAL_DIR), {SECONDARY_ROUNDS} rounds alternating with the edge without it: {j_rps:.0} req/s  p50 {j_p50:.2} ms  p99 {j_p99:.2} ms  CPU {j_cpu:.1} us/redirect; on/off: throughput {:.2}x, CPU per redirect {:.2}x",
+        j_rps / p_rps,
+        j_cpu / p_cpu
     );
     println!(
         "  empty cache (every request a Redis GET): {:.0} req/s, edge CPU {:.1} us + Redis CPU {:.1} us per redirect; redis-benchmark GET -c64: {redis_get_rps:.0} req/s [reference]; ratio {:.2}x",
