@@ -71,10 +71,7 @@ impl Sink {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        shortener_common::testing::metric_sum(&text, name)
     }
 }
 

@@ -107,6 +107,32 @@ pub fn wait_for(timeout: Duration, what: &str, mut probe: impl FnMut() -> bool) 
     }
 }
 
+/// The sum of every series of the metric `name` in a Prometheus text
+/// exposition (`name 3`, `name{status="302"} 2`, ...); 0 when it has none.
+/// Other metrics whose names start with `name` (`name_bucket`, ...) are
+/// not counted.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The value of one series, spelled as the exposition writes it (`name` or
+/// `name{status="302"}`); `None` when it is not there.
+pub fn metric_series(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// The status code a `GET` of `url` (`http://host:port/path`) answers, or
 /// `None` when nothing answers. A tiny HTTP/1.0 client, so the harness needs
 /// no HTTP library.
@@ -861,4 +887,31 @@ pub fn geoip_db() -> PathBuf {
         dir.join("geo-whois-asn-country.mmdb")
     })
     .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_read_by_name_and_by_series() {
+        let text = "# TYPE edge_http_responses_total counter\n\
+                    edge_http_responses_total{status=\"302\"} 21\n\
+                    edge_http_responses_total{status=\"404\"} 2\n\
+                    edge_http_responses_total_extra 100\n\
+                    edge_cache_hits_total 20\n\
+                    edge_duration_seconds_bucket{le=\"0.1\"} 7\n\
+                    edge_duration_seconds_sum 0.5\n";
+        assert_eq!(metric_sum(text, "edge_http_responses_total"), 23.0);
+        assert_eq!(metric_sum(text, "edge_cache_hits_total"), 20.0);
+        assert_eq!(metric_sum(text, "edge_duration_seconds"), 0.0);
+        assert_eq!(metric_sum(text, "edge_cache_misses_total"), 0.0);
+        assert_eq!(
+            metric_series(text, r#"edge_http_responses_total{status="302"}"#),
+            Some(21.0)
+        );
+        assert_eq!(metric_series(text, "edge_cache_hits_total"), Some(20.0));
+        assert_eq!(metric_series(text, "edge_http_responses_total"), None);
+        assert_eq!(metric_series(text, "edge_cache_hits"), None);
+    }
 }

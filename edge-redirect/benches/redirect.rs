@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use shortener_common::testing::{
-    ManagedProcess, TestPostgres, TestRedis, free_port, until_http_status,
+    ManagedProcess, TestPostgres, TestRedis, free_port, metric_sum, until_http_status,
 };
 
 const LINKS: usize = 100_000;
@@ -353,12 +353,7 @@ fn settle(admin: u16) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = admin_metrics(admin);
-        let sum = |name: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let sum = |name: &str| metric_sum(&text, name);
         let accepted = sum("edge_click_events_total");
         let done = sum("edge_click_events_shipped_total") + sum("edge_click_events_dropped_total");
         if done >= accepted {

@@ -9,7 +9,7 @@ use keygen::testing::InProcessKeygen;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
 use shortener_common::testing::{
-    TestPostgres, TestRedis, eventually, free_port, until_http_status,
+    TestPostgres, TestRedis, eventually, free_port, metric_series, until_http_status,
 };
 
 const ADMIN_KEY: &str = "edge-test-admin-key-0123456789";
@@ -623,19 +623,13 @@ async fn with_redis_down_cached_links_redirect_and_readiness_says_degraded() {
     // hits too. They are counted per thread and summed at each read of
     // `/metrics`; the recorder is shared by every edge this test process
     // runs, hence "at least".
-    let counted = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let counted = |series: &str| metric_series(&metrics, series).unwrap_or(0.0);
     assert!(
-        counted(r#"edge_http_responses_total{status="302"} "#) >= 21.0,
+        counted(r#"edge_http_responses_total{status="302"}"#) >= 21.0,
         "{metrics}"
     );
-    assert!(counted("edge_cache_hits_total ") >= 20.0, "{metrics}");
-    assert!(counted("edge_click_events_total ") >= 21.0, "{metrics}");
+    assert!(counted("edge_cache_hits_total") >= 20.0, "{metrics}");
+    assert!(counted("edge_click_events_total") >= 21.0, "{metrics}");
     assert!(
         metrics.contains("edge_http_request_duration_seconds"),
         "{metrics}"

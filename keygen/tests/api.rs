@@ -14,7 +14,7 @@ use keygen::proto::keygen_client::KeygenClient;
 use keygen::service::{Clock, SystemClock};
 use serde_json::Value;
 use shortener_common::testing::{
-    ManagedProcess, TestRedis, eventually, free_port, unique_name, until_http_status,
+    ManagedProcess, TestRedis, eventually, free_port, metric_sum, unique_name, until_http_status,
 };
 
 const SECRET: &str = "integration-test-secret-0123456789";
@@ -70,19 +70,12 @@ impl KeygenProcess {
             .text()
             .await
             .unwrap();
-        metric_value(&text, name)
+        metric_sum(&text, name)
     }
 }
 
 fn libc_sigterm() -> i32 {
     15
-}
-
-fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 fn leased_env(redis: &TestRedis, prefix: &str) -> Vec<(&'static str, String)> {
@@ -518,7 +511,7 @@ async fn a_clock_stepping_back_is_waited_out_or_refused_never_repeated() {
         "keygen_clock_refusals_total",
     ] {
         assert!(
-            metric_value(&metrics, name) >= 1.0,
+            metric_sum(&metrics, name) >= 1.0,
             "{name} not counted: {metrics}"
         );
     }
