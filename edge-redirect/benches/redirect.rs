@@ -64,26 +64,29 @@ fn main() {
     runtime.block_on(run());
 }
 
+/// Two fields of a `/proc/.../stat` file, summed, counted from the state
+/// field after the command (utime 11 and stime 12; cutime 13 and cstime
+/// 14); 0 for a process that is gone.
+fn stat_ticks(path: &str, first: usize, second: usize) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(first) + field(second)
+}
+
 /// user + system CPU time of a process and its children still running, in
 /// clock ticks.
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().collect())
-                .unwrap_or_default();
-            // Fields after the command: state is index 0, utime 11, stime 12.
-            fields
-                .get(11)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-                + fields
-                    .get(12)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-        })
+        .map(|pid| stat_ticks(&format!("/proc/{pid}/stat"), 11, 12))
         .sum()
 }
 
@@ -116,16 +119,7 @@ fn machine_busy_ticks() -> u64 {
 
 /// CPU time of this process's finished children (wrk), in clock ticks.
 fn finished_children_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // cutime and cstime, counted from the state field.
-    fields[13] + fields[14]
+    stat_ticks("/proc/self/stat", 13, 14)
 }
 
 /// Writes back dirty pages, then waits (at most 30 s) until less than a
@@ -668,19 +662,22 @@ async fn run() {
     let redis_pids: Vec<u32> = redis.pid().into_iter().collect();
     let nginx_all = nginx_pids(nginx.pid());
     let nginx_one_all = nginx_pids(nginx_one.pid());
+    let events_on_round = || {
+        wrk_round(
+            &format!("http://127.0.0.1:{edge_port}"),
+            &script,
+            &edge_pids,
+            &redis_pids,
+            Some(edge_admin),
+        )
+    };
     let mut edge_rounds = Vec::new();
     let mut nginx_rounds = Vec::new();
     let mut off_rounds = Vec::new();
     // The comparison the targets are about, close together in time: the
     // edge with click events on, nginx and the edge with events off.
     for _ in 0..ROUNDS {
-        edge_rounds.push(wrk_round(
-            &format!("http://127.0.0.1:{edge_port}"),
-            &script,
-            &edge_pids,
-            &redis_pids,
-            Some(edge_admin),
-        ));
+        edge_rounds.push(events_on_round());
         nginx_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{nginx_port}"),
             &script,
@@ -712,13 +709,7 @@ async fn run() {
             &redis_pids,
             Some(journal_admin),
         ));
-        plain_rounds.push(wrk_round(
-            &format!("http://127.0.0.1:{edge_port}"),
-            &script,
-            &edge_pids,
-            &redis_pids,
-            Some(edge_admin),
-        ));
+        plain_rounds.push(events_on_round());
         one_rounds.push(wrk_round(
             &format!("http://127.0.0.1:{one_port}"),
             &script,
