@@ -46,7 +46,7 @@ use shortener_common::testing::{
 const LINKS: usize = 100_000;
 /// Rounds of the comparison the targets are about: the edge with click
 /// events on, nginx and the edge with events off, alternating.
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 9;
 /// Rounds of the secondary pairs: the click journal against plain events,
 /// and one serving thread each.
 const SECONDARY_ROUNDS: usize = 3;
@@ -859,6 +859,24 @@ async fn run() {
         e_rps / n_rps,
         e_p99 / n_p99,
         e_cpu / n_cpu
+    );
+    // Each events-on round against the nginx round right after it: a slow
+    // spell of the host that spans both moves them together, so the
+    // round-by-round ratios say how often the edge is ahead.
+    let paired = |value: fn(&Round) -> f64, edge_better: fn(f64) -> bool| {
+        let ratios: Vec<f64> = edge_rounds
+            .iter()
+            .zip(&nginx_rounds)
+            .map(|(e, n)| value(e) / value(n))
+            .collect();
+        let better = ratios.iter().filter(|r| edge_better(**r)).count();
+        (median(ratios), better)
+    };
+    let (pair_rps, rps_ahead) = paired(|r| r.rps, |x| x > 1.0);
+    let (pair_p99, p99_ahead) = paired(|r| r.p99_ms, |x| x < 1.0);
+    let (pair_cpu, cpu_ahead) = paired(|r| r.cpu_us_per_request, |x| x < 1.0);
+    println!(
+        "  edge/nginx round by round (each events-on round against the nginx round after it), medians: throughput {pair_rps:.3}x (edge ahead in {rps_ahead} of {ROUNDS}), p99 {pair_p99:.2}x (lower in {p99_ahead}), CPU per redirect {pair_cpu:.3}x (lower in {cpu_ahead})"
     );
     let cpus = |rounds: &[Round]| {
         rounds
