@@ -14,7 +14,9 @@
 //!    from /proc, divided by requests served), which does not depend on the
 //!    load generator.
 //!    The targets' comparison comes first, its servers close together in
-//!    time: the edge with events on, nginx, the edge with events off.
+//!    time: the edge with events on, nginx, the edge with events off. Each
+//!    events-on round is also set against the nginx round right after it:
+//!    the median of those ratios, and in how many rounds the edge is ahead.
 //!    Then, in rounds of their own, the secondary pairs: the journal edge
 //!    against the edge without it, and one serving thread each (the edge
 //!    with `EDGE_WORKER_THREADS=1`, events on, and nginx with
