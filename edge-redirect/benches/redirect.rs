@@ -24,6 +24,11 @@
 //!    with the servers' own threads.
 //!    Redis's CPU time during the events-on rounds is reported too: it is
 //!    what shipping click events costs outside the edge.
+//!    Last, the issue's reference point: a bare hyper + DashMap server
+//!    (this bench's own binary run with `--bare-server`; `Location` its
+//!    only header, no counters, ages or click events) in rounds with the
+//!    edge, events off and on, and nginx: what the product costs on top of
+//!    a bare redirect.
 //!    Every round starts on a quiet machine (less than a tenth of a core
 //!    busy), after PostgreSQL has been vacuumed and checkpointed, and the
 //!    CPU that other processes took during the rounds is printed.
@@ -58,12 +63,80 @@ const ROUND_SECS: u64 = 10;
 const STREAM_CLICKS: u64 = 1_000_000;
 const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
 
+// The edge's allocator, for the bare server below.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--bare-server") {
+        bare_server(args[at + 1].parse().unwrap(), Path::new(&args[at + 2]));
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(run());
+}
+
+/// A bare hyper + DashMap redirect server on `port`, with nginx's
+/// `links.map` (`/code "url";` lines): the edge's runtime, allocator and
+/// `writev(false)`, a 302 with `Location` and the edge's body for a known
+/// code, 404 otherwise, and nothing else.
+fn bare_server(port: u16, map: &Path) {
+    use bytes::Bytes;
+    use http::{HeaderValue, StatusCode, header};
+    use http_body_util::Full;
+
+    let links = dashmap::DashMap::<String, HeaderValue>::new();
+    for line in std::fs::read_to_string(map).unwrap().lines() {
+        let (code, url) = line.split_once(' ').unwrap();
+        let url = url.trim_end_matches(';').trim_matches('"');
+        links.insert(
+            code.trim_start_matches('/').to_owned(),
+            HeaderValue::from_str(url).unwrap(),
+        );
+    }
+    let links = std::sync::Arc::new(links);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let links = links.clone();
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let code = request.uri().path().strip_prefix('/').unwrap_or_default();
+                    let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                    match links.get(code) {
+                        Some(location) => {
+                            *response.body_mut() = Full::new(Bytes::from_static(b"Redirecting\n"));
+                            *response.status_mut() = StatusCode::FOUND;
+                            response
+                                .headers_mut()
+                                .insert(header::LOCATION, location.clone());
+                        }
+                        None => *response.status_mut() = StatusCode::NOT_FOUND,
+                    }
+                    std::future::ready(Ok::<_, std::convert::Infallible>(response))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .writev(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
 }
 
 /// Two fields of a `/proc/.../stat` file, summed, counted from the state
@@ -727,6 +800,51 @@ async fn run() {
             None,
         ));
     }
+    // The issue's reference point: a bare hyper + DashMap server, in
+    // rounds with the edge (events off and on) and nginx auto.
+    let bare_port = free_port();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .arg("--bare-server")
+        .arg(bare_port.to_string())
+        .arg(nginx_dir.join("links.map"))
+        .stdout(Stdio::null());
+    let bare = ManagedProcess::spawn("bare hyper + DashMap server", command, 15);
+    until_http_status(
+        &format!("http://127.0.0.1:{bare_port}/x"),
+        404,
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut bare_rounds = Vec::new();
+    let mut bare_set_on = Vec::new();
+    let mut bare_set_off = Vec::new();
+    let mut bare_set_nginx = Vec::new();
+    for _ in 0..SECONDARY_ROUNDS {
+        bare_rounds.push(wrk_round(
+            &format!("http://127.0.0.1:{bare_port}"),
+            &script,
+            &[bare.pid()],
+            &[],
+            None,
+        ));
+        bare_set_off.push(wrk_round(
+            &format!("http://127.0.0.1:{off_port}"),
+            &script,
+            &[edge_off.pid()],
+            &redis_pids,
+            None,
+        ));
+        bare_set_on.push(events_on_round());
+        bare_set_nginx.push(wrk_round(
+            &format!("http://127.0.0.1:{nginx_port}"),
+            &script,
+            &nginx_all,
+            &[],
+            None,
+        ));
+    }
+    drop(bare);
     let summary = |rounds: &[Round]| {
         (
             median(rounds.iter().map(|r| r.rps).collect()),
@@ -944,6 +1062,27 @@ async fn run() {
         "  click journal (EDGE_CLICK_JOURNAL_DIR), {SECONDARY_ROUNDS} rounds alternating with the edge without it: {j_rps:.0} req/s  p50 {j_p50:.2} ms  p99 {j_p99:.2} ms  CPU {j_cpu:.1} us/redirect; on/off: throughput {:.2}x, CPU per redirect {:.2}x",
         j_rps / p_rps,
         j_cpu / p_cpu
+    );
+    // Each round of the set against its nginx round: medians of the ratios.
+    let against_nginx = |rounds: &[Round], value: fn(&Round) -> f64| {
+        median(
+            rounds
+                .iter()
+                .zip(&bare_set_nginx)
+                .map(|(r, n)| value(r) / value(n))
+                .collect(),
+        )
+    };
+    let cpu = |r: &Round| r.cpu_us_per_request;
+    let rps = |r: &Round| r.rps;
+    println!(
+        "  bare hyper + DashMap server (Location its only header; no counters, ages or click events), {SECONDARY_ROUNDS} rounds alternating with the edge and nginx auto, round by round against nginx: CPU per redirect bare {:.3}x, edge events off {:.3}x, events on {:.3}x; throughput bare {:.3}x, events off {:.3}x, events on {:.3}x",
+        against_nginx(&bare_rounds, cpu),
+        against_nginx(&bare_set_off, cpu),
+        against_nginx(&bare_set_on, cpu),
+        against_nginx(&bare_rounds, rps),
+        against_nginx(&bare_set_off, rps),
+        against_nginx(&bare_set_on, rps)
     );
     println!(
         "  empty cache (every request a Redis GET): {:.0} req/s, edge CPU {:.1} us + Redis CPU {:.1} us per redirect; redis-benchmark GET -c64: {redis_get_rps:.0} req/s [reference]; ratio {:.2}x",
