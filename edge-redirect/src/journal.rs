@@ -19,6 +19,13 @@
 //!   directory (each live process holds an exclusive lock on its files, so
 //!   it never takes a live one), reads from Redis where each was shipped to,
 //!   and ships the rest: every click is shipped exactly once.
+//! - Each segment also has a mark beside it (`{id}.shipped`: the offset,
+//!   u64 LE), written after Redis has confirmed each batch. Redis's record
+//!   of a segment is a key that expires (`SEQUENCE_TTL_SECS`, 7 days, after
+//!   its last batch) and that a Redis restarted empty has lost; an adopter
+//!   then resumes from the mark instead of shipping the whole segment
+//!   again. The mark can only trail Redis (by the batch in flight when the
+//!   process died), so the adopter takes the further of the two.
 //! - While Redis is away the segments grow; beyond `max_bytes` the oldest
 //!   segment is dropped and its unshipped clicks are counted in
 //!   `edge_click_events_dropped_total`.
@@ -57,6 +64,8 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// How often an idle shipper looks for new clicks.
 const IDLE_POLL: Duration = Duration::from_millis(5);
 const EXTENSION: &str = "clicks";
+/// A segment's mark: how far it has been shipped, by Redis's confirmation.
+const MARK_EXTENSION: &str = "shipped";
 
 thread_local! {
     static RECORD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -277,6 +286,10 @@ struct Segment {
     ready: VecDeque<(Encoded, u64)>,
     /// Where the last batch taken ends (the next one's start).
     taken_to: u64,
+    /// The mark beside the segment, once this process has written it.
+    mark: Option<File>,
+    /// Writing the mark has failed (logged once per segment).
+    mark_failed: bool,
 }
 
 impl Segment {
@@ -293,7 +306,48 @@ impl Segment {
             chunk: Vec::new(),
             ready: VecDeque::new(),
             taken_to: 0,
+            mark: None,
+            mark_failed: false,
         }
+    }
+
+    fn mark_path(&self) -> PathBuf {
+        self.path.with_extension(MARK_EXTENSION)
+    }
+
+    /// Records beside the segment that Redis has confirmed it shipped to
+    /// `offset`. Best effort: without the mark, an adopter goes by Redis
+    /// alone.
+    fn mark_shipped(&mut self, offset: u64) {
+        let written = match &self.mark {
+            Some(mark) => mark.write_all_at(&offset.to_le_bytes(), 0),
+            None => OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.mark_path())
+                .and_then(|mark| {
+                    mark.write_all_at(&offset.to_le_bytes(), 0)?;
+                    self.mark = Some(mark);
+                    Ok(())
+                }),
+        };
+        if let Err(error) = written
+            && !std::mem::replace(&mut self.mark_failed, true)
+        {
+            tracing::warn!(segment = %self.id, %error, "cannot mark how far a click journal segment was shipped; an edge adopting it will go by Redis alone");
+        }
+    }
+
+    /// The offset the segment's mark holds (0 without a sound one: a mark
+    /// past the segment's end belongs to no record of it).
+    fn marked(&self) -> u64 {
+        std::fs::read(self.mark_path())
+            .ok()
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map(u64::from_le_bytes)
+            .filter(|&offset| offset <= self.len())
+            .unwrap_or(0)
     }
 
     /// Reads on from `offset` (a record's end), forgetting what was read.
@@ -361,7 +415,14 @@ impl Segment {
         n
     }
 
+    /// Deletes the segment, its mark first (a segment left without its
+    /// mark is still known to Redis; a mark left alone would be litter).
     fn delete(self) {
+        if let Err(error) = std::fs::remove_file(self.mark_path())
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(segment = %self.id, %error, "cannot delete a click journal segment's mark");
+        }
         if let Err(error) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), %error, "cannot delete a shipped click journal segment");
         }
@@ -416,13 +477,17 @@ impl JournalShipping {
             };
             if front.read_to.is_none() {
                 let key = self.sequence_key(&front.id);
-                let Some(offset) = self
+                let Some(recorded) = self
                     .shipped_offset(&mut writer, &key, &mut flush_deadline)
                     .await
                 else {
                     return;
                 };
-                front.resume_at(offset);
+                let marked = front.marked();
+                if marked > recorded {
+                    tracing::warn!(segment = %front.id, recorded, marked, "Redis has lost how far an adopted click journal segment was shipped (its key expired, or Redis restarted empty); resuming from the segment's mark");
+                }
+                front.resume_at(recorded.max(marked));
             }
             let (batch, start, end) = match front.next_batch() {
                 Ok(batch) => batch,
@@ -471,7 +536,13 @@ impl JournalShipping {
                 .ship(&mut writer, &prepared, &mut segments, &mut flush_deadline)
                 .await
             {
-                Shipped::Done => shipped.increment(batch.len() as u64),
+                Shipped::Done => {
+                    shipped.increment(batch.len() as u64);
+                    // `ship` returns `Done` only for the front segment's batch.
+                    if let Some(front) = segments.front_mut() {
+                        front.mark_shipped(end);
+                    }
+                }
                 Shipped::Moved(offset) => {
                     // A dead process's last batch landed after this one
                     // read where its segment was shipped to: go on from
@@ -740,6 +811,111 @@ mod tests {
         task.await.unwrap();
         // What is left stays for the next start.
         assert!(on_disk(dir.path()).0 > 0);
+    }
+
+    /// Redis has lost how far a dead process's segment was shipped (its
+    /// key expired, or Redis restarted empty): the adopter resumes from the
+    /// segment's mark and ships only what had not been shipped. Going by
+    /// Redis alone, it would ship all 350 clicks again.
+    #[tokio::test]
+    async fn an_adopter_resumes_from_the_mark_when_redis_has_lost_the_segments_record() {
+        use shortener_common::testing::{TestRedis, eventually, stream_clicks};
+        let redis = TestRedis::start();
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ship = |journal: &Arc<Journal>| {
+            let (stop, stop_rx) = watch::channel(None);
+            let task = tokio::spawn(
+                JournalShipping {
+                    journal: journal.clone(),
+                    redis: Arc::new(LazyRedis::new(&redis.url()).unwrap()),
+                    stream: "clicks".into(),
+                    max_len: 1_000_000,
+                    max_bytes: 1 << 30,
+                    rotate_bytes: ROTATE_BYTES,
+                    stop: stop_rx,
+                    dropped: metrics::counter!("test_dropped"),
+                }
+                .run(),
+            );
+            (stop, task)
+        };
+        let url = redis.url();
+        let shipped_ids = move || {
+            let mut conn = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            stream_clicks(&mut conn, "clicks")
+                .iter()
+                .map(|c| c.event_id)
+                .collect::<Vec<_>>()
+        };
+        let files = |extension: &str| -> Vec<PathBuf> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == extension))
+                .collect()
+        };
+
+        let first = Journal::open(dir.path()).unwrap();
+        let (_stop, task) = ship(&first);
+        for i in 0..300 {
+            first.append(&click(i)).unwrap();
+        }
+        // Shipped, and marked as far as the segment goes.
+        let segment = files(EXTENSION).pop().unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "the segment marked shipped",
+            || {
+                let mark = segment.with_extension(MARK_EXTENSION);
+                let len = std::fs::metadata(&segment).unwrap().len();
+                async move {
+                    let bytes = std::fs::read(mark).ok()?;
+                    (u64::from_le_bytes(bytes.try_into().ok()?) == len).then_some(())
+                }
+            },
+        )
+        .await;
+        assert_eq!(shipped_ids(), (0..300).collect::<Vec<_>>());
+        // The process dies (its shipper stops where it is, as on SIGKILL),
+        // with 50 more clicks in its segment that it never shipped.
+        task.abort();
+        let _ = task.await;
+        for i in 300..350 {
+            first.append(&click(i)).unwrap();
+        }
+        drop(first);
+        // Redis loses its record of the segment.
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("{clicks}:edge:*")
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).unwrap();
+
+        let second = Journal::open(dir.path()).unwrap();
+        let (stop, task) = ship(&second);
+        eventually(
+            Duration::from_secs(10),
+            "the adopted segment shipped",
+            || {
+                let done = !segment.exists();
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
+        let _ = stop.send(Some(Duration::from_secs(1)));
+        task.await.unwrap();
+        assert_eq!(shipped_ids(), (0..350).collect::<Vec<_>>());
+        // The segment's mark went with it.
+        assert!(!segment.with_extension(MARK_EXTENSION).exists());
+        drop(second);
     }
 
     #[test]
