@@ -401,11 +401,14 @@ impl Segment {
 
     /// Clicks in the segment not yet shipped (for the drop count).
     fn remaining(&mut self) -> u64 {
+        if self.read_to.is_none() {
+            // An adopted segment dropped before Redis was asked about it:
+            // its mark says how much of it was shipped.
+            let shipped = self.marked();
+            self.resume_at(shipped);
+        }
         let mut n = self.ready.len() as u64;
         self.ready.clear();
-        if self.read_to.is_none() {
-            self.read_to = Some(0);
-        }
         while let Ok((batch, _, _)) = self.next_batch() {
             if batch.is_empty() {
                 break;
@@ -813,13 +816,80 @@ mod tests {
         assert!(on_disk(dir.path()).0 > 0);
     }
 
+    /// A shipper for `journal` to Redis at `url`, and what stops it.
+    fn shipper(
+        journal: &Arc<Journal>,
+        url: &str,
+        max_bytes: u64,
+        dropped: metrics::Counter,
+    ) -> (watch::Sender<Option<Duration>>, tokio::task::JoinHandle<()>) {
+        let (stop, stop_rx) = watch::channel(None);
+        let task = tokio::spawn(
+            JournalShipping {
+                journal: journal.clone(),
+                redis: Arc::new(LazyRedis::new(url).unwrap()),
+                stream: "clicks".into(),
+                max_len: 1_000_000,
+                max_bytes,
+                rotate_bytes: ROTATE_BYTES,
+                stop: stop_rx,
+                dropped,
+            }
+            .run(),
+        );
+        (stop, task)
+    }
+
+    /// Waits until `segment`'s mark says it is shipped to its end.
+    async fn until_marked_to_its_end(segment: &Path) {
+        shortener_common::testing::eventually(
+            Duration::from_secs(10),
+            "the segment marked shipped",
+            || {
+                let mark = segment.with_extension(MARK_EXTENSION);
+                let len = std::fs::metadata(segment).unwrap().len();
+                async move {
+                    let bytes = std::fs::read(mark).ok()?;
+                    (u64::from_le_bytes(bytes.try_into().ok()?) == len).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits until `path` is gone.
+    async fn until_deleted(path: &Path, what: &str) {
+        shortener_common::testing::eventually(Duration::from_secs(10), what, || {
+            let done = !path.exists();
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Waits until no process holds `segment`'s lock. A child forked by a
+    /// test running alongside (they start Redis servers) shares a dropped
+    /// journal's locks until it execs.
+    fn until_unlocked(segment: &Path) {
+        shortener_common::testing::wait_for(
+            Duration::from_secs(10),
+            "the stopped journal's lock released",
+            || File::open(segment).unwrap().try_lock().is_ok(),
+        );
+    }
+
+    /// The path of the segment `journal` appends to.
+    fn writing_segment(journal: &Journal) -> PathBuf {
+        let writing = journal.writing.read().unwrap();
+        segment_path(&journal.dir, &writing.as_ref().unwrap().id)
+    }
+
     /// Redis has lost how far a dead process's segment was shipped (its
     /// key expired, or Redis restarted empty): the adopter resumes from the
     /// segment's mark and ships only what had not been shipped. Going by
     /// Redis alone, it would ship all 350 clicks again.
     #[tokio::test]
     async fn an_adopter_resumes_from_the_mark_when_redis_has_lost_the_segments_record() {
-        use shortener_common::testing::{TestRedis, eventually, stream_clicks};
+        use shortener_common::testing::{TestRedis, stream_clicks};
         let redis = TestRedis::start();
         let mut conn = redis::Client::open(redis.url())
             .unwrap()
@@ -827,21 +897,12 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ship = |journal: &Arc<Journal>| {
-            let (stop, stop_rx) = watch::channel(None);
-            let task = tokio::spawn(
-                JournalShipping {
-                    journal: journal.clone(),
-                    redis: Arc::new(LazyRedis::new(&redis.url()).unwrap()),
-                    stream: "clicks".into(),
-                    max_len: 1_000_000,
-                    max_bytes: 1 << 30,
-                    rotate_bytes: ROTATE_BYTES,
-                    stop: stop_rx,
-                    dropped: metrics::counter!("test_dropped"),
-                }
-                .run(),
-            );
-            (stop, task)
+            shipper(
+                journal,
+                &redis.url(),
+                1 << 30,
+                metrics::counter!("test_dropped"),
+            )
         };
         let url = redis.url();
         let shipped_ids = move || {
@@ -854,13 +915,6 @@ mod tests {
                 .map(|c| c.event_id)
                 .collect::<Vec<_>>()
         };
-        let files = |extension: &str| -> Vec<PathBuf> {
-            std::fs::read_dir(dir.path())
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .filter(|p| p.extension().is_some_and(|e| e == extension))
-                .collect()
-        };
 
         let first = Journal::open(dir.path()).unwrap();
         let (_stop, task) = ship(&first);
@@ -868,20 +922,8 @@ mod tests {
             first.append(&click(i)).unwrap();
         }
         // Shipped, and marked as far as the segment goes.
-        let segment = files(EXTENSION).pop().unwrap();
-        eventually(
-            Duration::from_secs(10),
-            "the segment marked shipped",
-            || {
-                let mark = segment.with_extension(MARK_EXTENSION);
-                let len = std::fs::metadata(&segment).unwrap().len();
-                async move {
-                    let bytes = std::fs::read(mark).ok()?;
-                    (u64::from_le_bytes(bytes.try_into().ok()?) == len).then_some(())
-                }
-            },
-        )
-        .await;
+        let segment = writing_segment(&first);
+        until_marked_to_its_end(&segment).await;
         assert_eq!(shipped_ids(), (0..300).collect::<Vec<_>>());
         // The process dies (its shipper stops where it is, as on SIGKILL),
         // with 50 more clicks in its segment that it never shipped.
@@ -891,6 +933,7 @@ mod tests {
             first.append(&click(i)).unwrap();
         }
         drop(first);
+        until_unlocked(&segment);
         // Redis loses its record of the segment.
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("{clicks}:edge:*")
@@ -901,20 +944,72 @@ mod tests {
 
         let second = Journal::open(dir.path()).unwrap();
         let (stop, task) = ship(&second);
-        eventually(
-            Duration::from_secs(10),
-            "the adopted segment shipped",
-            || {
-                let done = !segment.exists();
-                async move { done.then_some(()) }
-            },
-        )
-        .await;
+        until_deleted(&segment, "the adopted segment shipped").await;
         let _ = stop.send(Some(Duration::from_secs(1)));
         task.await.unwrap();
         assert_eq!(shipped_ids(), (0..350).collect::<Vec<_>>());
         // The segment's mark went with it.
         assert!(!segment.with_extension(MARK_EXTENSION).exists());
+        drop(second);
+    }
+
+    /// An adopted segment dropped to keep the journal under its cap while
+    /// Redis is away counts as dropped only the clicks its mark says were
+    /// not shipped.
+    #[tokio::test]
+    async fn a_dropped_adopted_segment_counts_only_its_unshipped_clicks() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use shortener_common::testing::TestRedis;
+        let redis = TestRedis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let dropped = metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("test_adopted_dropped_total")
+        });
+        let ship = |journal: &Arc<Journal>, url: &str, max_bytes: u64| {
+            shipper(journal, url, max_bytes, dropped.clone())
+        };
+
+        // 100 clicks shipped and marked, then 20 more the process never
+        // shipped before it died.
+        let first = Journal::open(dir.path()).unwrap();
+        let (_stop, task) = ship(&first, &redis.url(), 1 << 30);
+        for i in 0..100 {
+            first.append(&click(i)).unwrap();
+        }
+        let segment = writing_segment(&first);
+        until_marked_to_its_end(&segment).await;
+        task.abort();
+        let _ = task.await;
+        for i in 100..120 {
+            first.append(&click(i)).unwrap();
+        }
+        drop(first);
+        until_unlocked(&segment);
+
+        // The next edge finds Redis away and the segment over its cap.
+        let second = Journal::open(dir.path()).unwrap();
+        let (stop, task) = ship(&second, "redis://127.0.0.1:1", 100);
+        until_deleted(&segment, "the adopted segment dropped").await;
+        let _ = stop.send(Some(Duration::ZERO));
+        task.await.unwrap();
+        let counted: Vec<u64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(n) if key.key().name() == "test_adopted_dropped_total" => {
+                    Some(n)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            counted,
+            vec![20],
+            "only the unshipped clicks count as dropped"
+        );
         drop(second);
     }
 
@@ -929,7 +1024,9 @@ mod tests {
         let second_segments = second.take_segments();
         assert_eq!(second_segments.len(), 1, "only its own segment");
         // Once the first is gone (its locks with it), its segment is adopted.
+        let first_segment = writing_segment(&first);
         drop(first);
+        until_unlocked(&first_segment);
         let third = Journal::open(dir.path()).unwrap();
         let mut segments = third.take_segments();
         assert_eq!(segments.len(), 2, "the stopped one's segment and its own");
