@@ -321,7 +321,7 @@ fn unexpected(what: &'static str) -> redis::RedisError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use shortener_common::testing::{TestRedis, stream_clicks};
@@ -350,7 +350,8 @@ mod tests {
         BatchWriter::new(Arc::new(lazy), "clicks".into(), 1_000_000)
     }
 
-    fn ids(conn: &mut redis::Connection) -> Vec<u128> {
+    /// The ids of the clicks in the stream `clicks`, oldest first.
+    pub(crate) fn ids(conn: &mut redis::Connection) -> Vec<u128> {
         stream_clicks(conn, "clicks")
             .iter()
             .map(|c| c.event_id)

@@ -883,57 +883,50 @@ mod tests {
         segment_path(&journal.dir, &writing.as_ref().unwrap().id)
     }
 
+    /// Leaves in `dir` the segment of a process that died: `shipped`
+    /// clicks shipped to Redis at `url` and marked, then `unshipped` more
+    /// appended after its shipper stopped where it was (as on SIGKILL).
+    async fn dead_segment(
+        dir: &Path,
+        url: &str,
+        shipped: std::ops::Range<u128>,
+        unshipped: std::ops::Range<u128>,
+    ) -> PathBuf {
+        let journal = Journal::open(dir).unwrap();
+        let (_stop, task) = shipper(&journal, url, 1 << 30, metrics::counter!("test_dropped"));
+        for i in shipped {
+            journal.append(&click(i)).unwrap();
+        }
+        let segment = writing_segment(&journal);
+        until_marked_to_its_end(&segment).await;
+        task.abort();
+        let _ = task.await;
+        for i in unshipped {
+            journal.append(&click(i)).unwrap();
+        }
+        drop(journal);
+        until_unlocked(&segment);
+        segment
+    }
+
     /// Redis has lost how far a dead process's segment was shipped (its
     /// key expired, or Redis restarted empty): the adopter resumes from the
     /// segment's mark and ships only what had not been shipped. Going by
     /// Redis alone, it would ship all 350 clicks again.
     #[tokio::test]
     async fn an_adopter_resumes_from_the_mark_when_redis_has_lost_the_segments_record() {
-        use shortener_common::testing::{TestRedis, stream_clicks};
+        use crate::batch::tests::ids;
+        use shortener_common::testing::TestRedis;
         let redis = TestRedis::start();
         let mut conn = redis::Client::open(redis.url())
             .unwrap()
             .get_connection()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let ship = |journal: &Arc<Journal>| {
-            shipper(
-                journal,
-                &redis.url(),
-                1 << 30,
-                metrics::counter!("test_dropped"),
-            )
-        };
-        let url = redis.url();
-        let shipped_ids = move || {
-            let mut conn = redis::Client::open(url.as_str())
-                .unwrap()
-                .get_connection()
-                .unwrap();
-            stream_clicks(&mut conn, "clicks")
-                .iter()
-                .map(|c| c.event_id)
-                .collect::<Vec<_>>()
-        };
-
-        let first = Journal::open(dir.path()).unwrap();
-        let (_stop, task) = ship(&first);
-        for i in 0..300 {
-            first.append(&click(i)).unwrap();
-        }
-        // Shipped, and marked as far as the segment goes.
-        let segment = writing_segment(&first);
-        until_marked_to_its_end(&segment).await;
-        assert_eq!(shipped_ids(), (0..300).collect::<Vec<_>>());
-        // The process dies (its shipper stops where it is, as on SIGKILL),
-        // with 50 more clicks in its segment that it never shipped.
-        task.abort();
-        let _ = task.await;
-        for i in 300..350 {
-            first.append(&click(i)).unwrap();
-        }
-        drop(first);
-        until_unlocked(&segment);
+        // A process shipped and marked 300 clicks, then died with 50 more
+        // in its segment that it never shipped.
+        let segment = dead_segment(dir.path(), &redis.url(), 0..300, 300..350).await;
+        assert_eq!(ids(&mut conn), (0..300).collect::<Vec<_>>());
         // Redis loses its record of the segment.
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("{clicks}:edge:*")
@@ -943,11 +936,16 @@ mod tests {
         let _: () = redis::cmd("DEL").arg(&keys).query(&mut conn).unwrap();
 
         let second = Journal::open(dir.path()).unwrap();
-        let (stop, task) = ship(&second);
+        let (stop, task) = shipper(
+            &second,
+            &redis.url(),
+            1 << 30,
+            metrics::counter!("test_dropped"),
+        );
         until_deleted(&segment, "the adopted segment shipped").await;
         let _ = stop.send(Some(Duration::from_secs(1)));
         task.await.unwrap();
-        assert_eq!(shipped_ids(), (0..350).collect::<Vec<_>>());
+        assert_eq!(ids(&mut conn), (0..350).collect::<Vec<_>>());
         // The segment's mark went with it.
         assert!(!segment.with_extension(MARK_EXTENSION).exists());
         drop(second);
@@ -967,30 +965,13 @@ mod tests {
         let dropped = metrics::with_local_recorder(&recorder, || {
             metrics::counter!("test_adopted_dropped_total")
         });
-        let ship = |journal: &Arc<Journal>, url: &str, max_bytes: u64| {
-            shipper(journal, url, max_bytes, dropped.clone())
-        };
-
         // 100 clicks shipped and marked, then 20 more the process never
         // shipped before it died.
-        let first = Journal::open(dir.path()).unwrap();
-        let (_stop, task) = ship(&first, &redis.url(), 1 << 30);
-        for i in 0..100 {
-            first.append(&click(i)).unwrap();
-        }
-        let segment = writing_segment(&first);
-        until_marked_to_its_end(&segment).await;
-        task.abort();
-        let _ = task.await;
-        for i in 100..120 {
-            first.append(&click(i)).unwrap();
-        }
-        drop(first);
-        until_unlocked(&segment);
+        let segment = dead_segment(dir.path(), &redis.url(), 0..100, 100..120).await;
 
         // The next edge finds Redis away and the segment over its cap.
         let second = Journal::open(dir.path()).unwrap();
-        let (stop, task) = ship(&second, "redis://127.0.0.1:1", 100);
+        let (stop, task) = shipper(&second, "redis://127.0.0.1:1", 100, dropped);
         until_deleted(&segment, "the adopted segment dropped").await;
         let _ = stop.send(Some(Duration::ZERO));
         task.await.unwrap();
