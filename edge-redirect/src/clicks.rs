@@ -19,7 +19,7 @@
 //! Delivery to the stream is exactly once per accepted click, as long as the
 //! edge is not killed and the queue does not overflow:
 //! - Batches are numbered per edge process and written one at a time, each
-//!   (up to [`MAX_BATCH`] clicks, as packed entries of up to
+//!   (up to `MAX_BATCH`, 2,000, clicks, as packed entries of up to
 //!   [`ENTRY_CLICKS`]; format in `shortener_common::event`) in one
 //!   transaction that also records the batch number under the process's
 //!   own key. A batch whose outcome is unknown (a timeout, a dropped

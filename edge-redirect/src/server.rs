@@ -110,7 +110,7 @@ const TIME_ONE_IN: u32 = 64;
 
 /// The hot path's counters: per-thread tallies (`crate::tally`), published
 /// at each read of `/metrics`; and the request-duration histogram, which
-/// only one request in [`TIME_ONE_IN`] touches.
+/// only one request in `TIME_ONE_IN` (64) touches.
 pub struct Counters {
     /// In order: [`HITS`], [`MISSES`], [`REJECTED`], then
     /// `edge_http_responses_total{status}` from [`RESPONSES`] in `STATUSES`
