@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use keygen::testing::InProcessKeygen;
+use control_plane::testing::InProcessControlPlane;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
 use shortener_common::ClickEvent;
@@ -248,33 +248,19 @@ struct Stack {
     edge_port: u16,
     edge: Client,
     api: Client,
-    _keygen: InProcessKeygen,
+    _control_plane: InProcessControlPlane,
 }
 
 impl Stack {
     async fn start(redis: Arc<TestRedis>) -> Self {
-        let keygen = InProcessKeygen::start().await;
-        let cp_port = free_port();
-        let cp_config = control_plane::Config::from_env(shortener_common::Env::from_pairs([
-            ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-            ("DATABASE_URL", TestPostgres::shared().create_database()),
-            ("REDIS_URL", redis.url()),
-            ("KEYGEN_GRPC_URL", keygen.grpc_url()),
-            ("ADMIN_API_KEY", ADMIN_KEY.into()),
-            ("RUN_MIGRATIONS", "true".into()),
-        ]))
-        .unwrap();
-        let rocket = control_plane::build(&cp_config).unwrap();
-        tokio::spawn(async move {
-            let _ = rocket.launch().await;
-        });
-        let control_plane = format!("http://127.0.0.1:{cp_port}");
-        until_http_status(
-            &format!("{control_plane}/healthz"),
-            200,
-            Duration::from_secs(30),
+        let control_plane_process = InProcessControlPlane::start(
+            TestPostgres::shared().create_database(),
+            redis.url(),
+            ADMIN_KEY,
+            &[],
         )
         .await;
+        let control_plane = control_plane_process.url().to_owned();
 
         let mut pipeline = Pipeline::new(redis.clone(), Arc::new(TestClickHouse::start()));
         pipeline.control_plane = Some(control_plane.clone());
@@ -300,7 +286,7 @@ impl Stack {
                 .build()
                 .unwrap(),
             api: Client::new(),
-            _keygen: keygen,
+            _control_plane: control_plane_process,
         }
     }
 

@@ -15,6 +15,8 @@ pub mod keys;
 pub mod relay;
 pub mod routes;
 pub mod schema;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -569,34 +569,16 @@ async fn run() {
     let pg = TestPostgres::start();
     let redis = TestRedis::start();
 
-    let keygen = keygen::testing::InProcessKeygen::start().await;
-    let cp_port = free_port();
     let database_url = pg.create_database();
-    let rocket = control_plane::build(
-        &control_plane::Config::from_env(shortener_common::Env::from_pairs([
-            ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-            ("DATABASE_URL", database_url.clone()),
-            ("REDIS_URL", redis.url()),
-            ("KEYGEN_GRPC_URL", keygen.grpc_url()),
-            ("ADMIN_API_KEY", ADMIN_KEY.into()),
-            // 100,000 creates as fast as they go: no per-key limit here.
-            ("API_KEY_RATE_LIMIT", "0".into()),
-            ("RUN_MIGRATIONS", "true".into()),
-            ("RUST_LOG", "error".into()),
-        ]))
-        .unwrap(),
-    )
-    .unwrap();
-    tokio::spawn(async move {
-        let _ = rocket.launch().await;
-    });
-    let control_plane = format!("http://127.0.0.1:{cp_port}");
-    until_http_status(
-        &format!("{control_plane}/healthz"),
-        200,
-        Duration::from_secs(30),
+    let control_plane_process = control_plane::testing::InProcessControlPlane::start(
+        database_url.clone(),
+        redis.url(),
+        ADMIN_KEY,
+        // 100,000 creates as fast as they go: no per-key limit here.
+        &[("API_KEY_RATE_LIMIT", "0"), ("RUST_LOG", "error")],
     )
     .await;
+    let control_plane = control_plane_process.url().to_owned();
 
     // 1. Links through the API.
     let started = Instant::now();

@@ -5,12 +5,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use keygen::testing::InProcessKeygen;
+use control_plane::testing::InProcessControlPlane;
 use reqwest::{Client, StatusCode, redirect};
 use serde_json::{Value, json};
-use shortener_common::testing::{
-    TestPostgres, TestRedis, eventually, free_port, metric_series, until_http_status,
-};
+use shortener_common::testing::{TestPostgres, TestRedis, eventually, metric_series};
 
 const ADMIN_KEY: &str = "edge-test-admin-key-0123456789";
 
@@ -23,7 +21,7 @@ struct Stack {
     api: Client,
     /// The edge's cache, for a sentinel entry (`until_invalidations_heard`).
     cache: std::sync::Arc<edge_redirect::cache::Cache>,
-    _keygen: InProcessKeygen,
+    _control_plane: InProcessControlPlane,
     /// Sends the edge the signal to drain and stop (as SIGTERM would).
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     edge_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -42,24 +40,14 @@ impl Stack {
     /// A stack whose control plane uses the database at `database_url`.
     async fn start_on(database_url: String, extra: &[(&str, &str)]) -> Self {
         let redis = TestRedis::start();
-        let keygen = InProcessKeygen::start().await;
-
-        let cp_port = free_port();
-        let cp_config = control_plane::Config::from_env(shortener_common::Env::from_pairs([
-            ("CONTROL_PLANE_ADDR", format!("127.0.0.1:{cp_port}")),
-            ("DATABASE_URL", database_url),
-            ("DATABASE_TIMEOUT_MS", "500".into()),
-            ("REDIS_URL", redis.url()),
-            ("KEYGEN_GRPC_URL", keygen.grpc_url()),
-            ("ADMIN_API_KEY", ADMIN_KEY.into()),
-            ("RUN_MIGRATIONS", "true".into()),
-        ]))
-        .unwrap();
-        let rocket = control_plane::build(&cp_config).unwrap();
-        tokio::spawn(async move {
-            let _ = rocket.launch().await;
-        });
-        let control_plane = format!("http://127.0.0.1:{cp_port}");
+        let control_plane_process = InProcessControlPlane::start(
+            database_url,
+            redis.url(),
+            ADMIN_KEY,
+            &[("DATABASE_TIMEOUT_MS", "500")],
+        )
+        .await;
+        let control_plane = control_plane_process.url().to_owned();
 
         let mut edge_env = vec![
             ("EDGE_HTTP_ADDR", "127.0.0.1:0".to_owned()),
@@ -93,16 +81,10 @@ impl Stack {
                 .unwrap(),
             api: Client::new(),
             cache,
-            _keygen: keygen,
+            _control_plane: control_plane_process,
             shutdown: Some(shutdown),
             edge_task: Some(edge_task),
         };
-        until_http_status(
-            &format!("{}/healthz", stack.control_plane),
-            200,
-            Duration::from_secs(30),
-        )
-        .await;
         // The edge subscribes to invalidations shortly after start.
         let mut conn = stack.redis_conn();
         eventually(Duration::from_secs(10), "the edge to subscribe", || {
