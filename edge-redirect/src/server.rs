@@ -403,9 +403,14 @@ struct Drain {
 }
 
 impl Drain {
+    /// The registered wakers; a panic elsewhere does not stop the drain.
+    fn wakers(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Waker>> {
+        self.wakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        let wakers = std::mem::take(&mut *self.wakers());
         wakers.into_values().for_each(Waker::wake);
     }
 
@@ -426,11 +431,7 @@ impl Drain {
         impl Drop for Registration<'_> {
             fn drop(&mut self) {
                 if self.waker.is_some() {
-                    self.drain
-                        .wakers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&self.id);
+                    self.drain.wakers().remove(&self.id);
                 }
             }
         }
@@ -452,10 +453,7 @@ impl Drain {
                     .is_some_and(|w| w.will_wake(cx.waker()))
                 {
                     let waker = cx.waker().clone();
-                    self.wakers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(registration.id, waker.clone());
+                    self.wakers().insert(registration.id, waker.clone());
                     registration.waker = Some(waker);
                     // `close` may have run before the waker was in.
                     if self.closing.load(Ordering::SeqCst) {
