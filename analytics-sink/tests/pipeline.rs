@@ -244,31 +244,29 @@ fn now_ms() -> i64 {
 /// The whole path: control plane, edge and sink.
 struct Stack {
     pipeline: Pipeline,
-    control_plane: String,
     edge_port: u16,
     edge: Client,
     api: Client,
-    _control_plane: InProcessControlPlane,
+    control_plane: InProcessControlPlane,
 }
 
 impl Stack {
     async fn start(redis: Arc<TestRedis>) -> Self {
-        let control_plane_process = InProcessControlPlane::start(
+        let control_plane = InProcessControlPlane::start(
             TestPostgres::shared().create_database(),
             redis.url(),
             ADMIN_KEY,
             &[],
         )
         .await;
-        let control_plane = control_plane_process.url().to_owned();
 
         let mut pipeline = Pipeline::new(redis.clone(), Arc::new(TestClickHouse::start()));
-        pipeline.control_plane = Some(control_plane.clone());
+        pipeline.control_plane = Some(control_plane.url().to_owned());
         let edge_config = edge_redirect::Config::from_env(shortener_common::Env::from_pairs([
             ("EDGE_HTTP_ADDR", "127.0.0.1:0".to_owned()),
             ("EDGE_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
             ("REDIS_URL", redis.url()),
-            ("CONTROL_PLANE_URL", control_plane.clone()),
+            ("CONTROL_PLANE_URL", control_plane.url().to_owned()),
             ("CLICK_STREAM", pipeline.stream.clone()),
         ]))
         .unwrap();
@@ -286,14 +284,13 @@ impl Stack {
                 .build()
                 .unwrap(),
             api: Client::new(),
-            _control_plane: control_plane_process,
         }
     }
 
     async fn create(&self) -> String {
         let response = self
             .api
-            .post(format!("{}/shorten", self.control_plane))
+            .post(format!("{}/shorten", self.control_plane.url()))
             .bearer_auth(ADMIN_KEY)
             .json(&json!({"url": "https://example.com/analytics"}))
             .send()
@@ -823,7 +820,7 @@ async fn an_edge_killed_under_load_loses_no_click_that_got_a_redirect() {
             .env("EDGE_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("EDGE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("REDIS_URL", stack.pipeline.redis.url())
-            .env("CONTROL_PLANE_URL", &stack.control_plane)
+            .env("CONTROL_PLANE_URL", stack.control_plane.url())
             .env("CLICK_STREAM", &stack.pipeline.stream)
             .env("EDGE_CLICK_JOURNAL_DIR", journal.path())
             .env("RUST_LOG", "warn")

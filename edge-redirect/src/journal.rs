@@ -769,22 +769,14 @@ mod tests {
     async fn with_redis_away_the_journal_keeps_under_its_cap_by_dropping_the_oldest() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
-        let (stop, stop_rx) = watch::channel(None);
-        // Nothing listens on port 1: every shipment fails.
-        let redis = LazyRedis::new("redis://127.0.0.1:1").unwrap();
         let (max_bytes, rotate_bytes) = (20_000, 4_096);
-        let task = tokio::spawn(
-            JournalShipping {
-                journal: journal.clone(),
-                redis: Arc::new(redis),
-                stream: "clicks".into(),
-                max_len: 1_000,
-                max_bytes,
-                rotate_bytes,
-                stop: stop_rx,
-                dropped: metrics::counter!("test_dropped"),
-            }
-            .run(),
+        // Nothing listens on port 1: every shipment fails.
+        let (stop, task) = shipper(
+            &journal,
+            "redis://127.0.0.1:1",
+            max_bytes,
+            rotate_bytes,
+            metrics::counter!("test_dropped"),
         );
         let mut written = Vec::new();
         for i in 0..1_000 {
@@ -821,6 +813,7 @@ mod tests {
         journal: &Arc<Journal>,
         url: &str,
         max_bytes: u64,
+        rotate_bytes: u64,
         dropped: metrics::Counter,
     ) -> (watch::Sender<Option<Duration>>, tokio::task::JoinHandle<()>) {
         let (stop, stop_rx) = watch::channel(None);
@@ -831,7 +824,7 @@ mod tests {
                 stream: "clicks".into(),
                 max_len: 1_000_000,
                 max_bytes,
-                rotate_bytes: ROTATE_BYTES,
+                rotate_bytes,
                 stop: stop_rx,
                 dropped,
             }
@@ -893,7 +886,13 @@ mod tests {
         unshipped: std::ops::Range<u128>,
     ) -> PathBuf {
         let journal = Journal::open(dir).unwrap();
-        let (_stop, task) = shipper(&journal, url, 1 << 30, metrics::counter!("test_dropped"));
+        let (_stop, task) = shipper(
+            &journal,
+            url,
+            1 << 30,
+            ROTATE_BYTES,
+            metrics::counter!("test_dropped"),
+        );
         for i in shipped {
             journal.append(&click(i)).unwrap();
         }
@@ -940,6 +939,7 @@ mod tests {
             &second,
             &redis.url(),
             1 << 30,
+            ROTATE_BYTES,
             metrics::counter!("test_dropped"),
         );
         until_deleted(&segment, "the adopted segment shipped").await;
@@ -956,7 +956,8 @@ mod tests {
     /// not shipped.
     #[tokio::test]
     async fn a_dropped_adopted_segment_counts_only_its_unshipped_clicks() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use crate::tally::tests::counter_values;
+        use metrics_util::debugging::DebuggingRecorder;
         use shortener_common::testing::TestRedis;
         let redis = TestRedis::start();
         let dir = tempfile::tempdir().unwrap();
@@ -971,24 +972,13 @@ mod tests {
 
         // The next edge finds Redis away and the segment over its cap.
         let second = Journal::open(dir.path()).unwrap();
-        let (stop, task) = shipper(&second, "redis://127.0.0.1:1", 100, dropped);
+        let (stop, task) = shipper(&second, "redis://127.0.0.1:1", 100, ROTATE_BYTES, dropped);
         until_deleted(&segment, "the adopted segment dropped").await;
         let _ = stop.send(Some(Duration::ZERO));
         task.await.unwrap();
-        let counted: Vec<u64> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| match value {
-                DebugValue::Counter(n) if key.key().name() == "test_adopted_dropped_total" => {
-                    Some(n)
-                }
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            counted,
-            vec![20],
+            counter_values(&snapshotter).get("test_adopted_dropped_total"),
+            Some(&20),
             "only the unshipped clicks count as dropped"
         );
         drop(second);

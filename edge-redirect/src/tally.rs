@@ -80,7 +80,7 @@ impl<const N: usize> Tally<N> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use metrics_util::debugging::DebuggingRecorder;
 
@@ -119,7 +119,8 @@ mod tests {
         assert_eq!(values.get("tally_b_total"), Some(&6));
     }
 
-    fn counter_values(
+    /// The counters `snapshotter` has seen above zero, by name.
+    pub(crate) fn counter_values(
         snapshotter: &metrics_util::debugging::Snapshotter,
     ) -> std::collections::HashMap<String, u64> {
         snapshotter

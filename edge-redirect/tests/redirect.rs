@@ -14,14 +14,13 @@ const ADMIN_KEY: &str = "edge-test-admin-key-0123456789";
 
 struct Stack {
     redis: TestRedis,
-    control_plane: String,
     edge_port: u16,
     admin_port: u16,
     edge: Client,
     api: Client,
     /// The edge's cache, for a sentinel entry (`until_invalidations_heard`).
     cache: std::sync::Arc<edge_redirect::cache::Cache>,
-    _control_plane: InProcessControlPlane,
+    control_plane: InProcessControlPlane,
     /// Sends the edge the signal to drain and stop (as SIGTERM would).
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     edge_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -40,20 +39,19 @@ impl Stack {
     /// A stack whose control plane uses the database at `database_url`.
     async fn start_on(database_url: String, extra: &[(&str, &str)]) -> Self {
         let redis = TestRedis::start();
-        let control_plane_process = InProcessControlPlane::start(
+        let control_plane = InProcessControlPlane::start(
             database_url,
             redis.url(),
             ADMIN_KEY,
             &[("DATABASE_TIMEOUT_MS", "500")],
         )
         .await;
-        let control_plane = control_plane_process.url().to_owned();
 
         let mut edge_env = vec![
             ("EDGE_HTTP_ADDR", "127.0.0.1:0".to_owned()),
             ("EDGE_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
             ("REDIS_URL", redis.url()),
-            ("CONTROL_PLANE_URL", control_plane.clone()),
+            ("CONTROL_PLANE_URL", control_plane.url().to_owned()),
             ("EDGE_HEADER_TIMEOUT_MS", "500".to_owned()),
             ("EDGE_NEGATIVE_TTL_MS", "60000".to_owned()),
         ];
@@ -81,7 +79,6 @@ impl Stack {
                 .unwrap(),
             api: Client::new(),
             cache,
-            _control_plane: control_plane_process,
             shutdown: Some(shutdown),
             edge_task: Some(edge_task),
         };
@@ -130,7 +127,7 @@ impl Stack {
     /// `POST /shorten` with the admin key, whatever the answer.
     async fn shorten(&self, body: &Value) -> reqwest::Response {
         self.api
-            .post(format!("{}/shorten", self.control_plane))
+            .post(format!("{}/shorten", self.control_plane.url()))
             .bearer_auth(ADMIN_KEY)
             .json(body)
             .send()
@@ -150,7 +147,7 @@ impl Stack {
     async fn patch(&self, code: &str, body: Value) {
         let response = self
             .api
-            .patch(format!("{}/links/{code}", self.control_plane))
+            .patch(format!("{}/links/{code}", self.control_plane.url()))
             .bearer_auth(ADMIN_KEY)
             .json(&body)
             .send()
@@ -162,7 +159,7 @@ impl Stack {
     async fn delete(&self, code: &str) {
         let response = self
             .api
-            .delete(format!("{}/links/{code}", self.control_plane))
+            .delete(format!("{}/links/{code}", self.control_plane.url()))
             .bearer_auth(ADMIN_KEY)
             .send()
             .await
@@ -936,7 +933,7 @@ async fn clicks_a_stopping_edge_could_not_ship_stay_in_its_journal_for_the_next(
         ("EDGE_HTTP_ADDR", "127.0.0.1:0".to_owned()),
         ("EDGE_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
         ("REDIS_URL", stack.redis.url()),
-        ("CONTROL_PLANE_URL", stack.control_plane.clone()),
+        ("CONTROL_PLANE_URL", stack.control_plane.url().to_owned()),
         ("EDGE_CLICK_JOURNAL_DIR", dir.clone()),
     ]))
     .unwrap();
